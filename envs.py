@@ -1,0 +1,439 @@
+"""Environments for HiPER: ALFWorld (real engine) and WebShop adapters, an offline ALFWorld game
+generator, and a process pool. Every env is gymnasium-style:
+
+    env = make("alfworld", split="train", seed=0)
+    obs, info = env.reset()
+    obs, reward, terminated, truncated, info = env.step("go to fridge 1")
+
+`info` always holds: task, task_type, admissible_actions, won, valid_action, expert_action.
+"""
+import functools
+import glob
+import json
+import multiprocessing as mp
+import os
+import random
+import re
+import sys
+import traceback
+
+ALFWORLD_TASK_TYPES = ("pick_and_place_simple", "look_at_obj_in_light", "pick_clean_then_place_in_recep",
+                       "pick_heat_then_place_in_recep", "pick_cool_then_place_in_recep", "pick_two_obj_and_place")
+ALFWORLD_SPLITS = {"train": "train", "valid_seen": "valid_seen", "valid_unseen": "valid_unseen"}
+WEBSHOP_N_EVAL_GOALS = 500  # goal indices 0–499 are held out for evaluation (§11)
+
+
+def make(name, split="train", seed=0, **options):
+    """Build one environment by name: "alfworld" or "webshop"."""
+    if name == "alfworld":
+        return ALFWorldEnv(split=split, seed=seed, **options)
+    if name == "webshop":
+        return WebShopEnv(split=split, seed=seed, **options)
+    raise ValueError(f"unknown environment {name!r}: expected 'alfworld' or 'webshop'")
+
+
+# ---- ALFWorld ----
+
+@functools.lru_cache(maxsize=512)
+def _cached_pddl2sas(domain, problem, verbose=False, optimize=False):
+    """fast_downward.pddl2sas is ~90 % of a reset and is repeated for an unchanged problem: cache it."""
+    return _pddl2sas_uncached(domain, problem, verbose=verbose, optimize=optimize)
+
+
+def _install_sas_cache():
+    from textworld.envs.pddl import logic as pddl_logic
+    global _pddl2sas_uncached
+    if pddl_logic.fast_downward.pddl2sas is not _cached_pddl2sas:
+        _pddl2sas_uncached = pddl_logic.fast_downward.pddl2sas
+        pddl_logic.fast_downward.pddl2sas = _cached_pddl2sas
+
+
+def alfworld_game_files(data_dir, split, task_types=ALFWORLD_TASK_TYPES):
+    """The solvable games of a split, laid out as `alfworld-download` does: <data_dir>/json_2.1.1/<split>/..."""
+    root = os.path.join(data_dir, "json_2.1.1", ALFWORLD_SPLITS[split])
+    if not os.path.isdir(root):
+        raise FileNotFoundError(
+            f"ALFWorld data not found: looked for {root}. Get the released games with "
+            f"`pip install alfworld && ALFWORLD_DATA={data_dir} alfworld-download`, or generate offline ones "
+            f"with `python -c \"import envs; envs.generate_alfworld_games('{data_dir}', 5, 0, split='{split}')\"`.")
+    files = []
+    for path in sorted(glob.glob(os.path.join(root, "*", "*", "traj_data.json"))):
+        game_dir = os.path.dirname(path)
+        if "movable" in game_dir or "Sliced" in game_dir:  # skipped by ALFWorld too
+            continue
+        with open(path) as f:
+            if json.load(f)["task_type"] not in task_types:
+                continue
+        game = os.path.join(game_dir, "game.tw-pddl")
+        if os.path.exists(game):
+            with open(game) as f:
+                if json.load(f).get("solvable"):
+                    files.append(game)
+    if not files:
+        raise FileNotFoundError(f"no solvable ALFWorld games of types {task_types} under {root}")
+    return files
+
+
+class ALFWorldEnv:
+    """One ALFWorld text game at a time, through the real alfworld/TextWorld PDDL engine.
+
+    Train split: games are drawn at random (seeded). Evaluation splits: games in a fixed order, so that
+    `len(env.game_files)` resets cover each game exactly once. Reward is the engine's 1.0 on success
+    (hiper.py turns it into 10·won, §8); `terminated` on success, `truncated` at `max_steps` (§9).
+    """
+
+    def __init__(self, split="train", seed=0, data_dir=None, task_types=ALFWORLD_TASK_TYPES, max_steps=50,
+                 expert=False):
+        import textworld
+        from alfworld.agents.environment.alfred_tw_env import AlfredDemangler, AlfredInfos
+        _install_sas_cache()
+        data_dir = data_dir or os.path.expandvars(os.environ.get("ALFWORLD_DATA", "~/.cache/alfworld"))
+        self.game_files = alfworld_game_files(os.path.expanduser(data_dir), split, tuple(task_types))
+        self.split, self.max_steps, self.expert = split, max_steps, expert
+        self.rng = random.Random(seed)
+        self.next_game = 0
+        self._textworld, self._wrappers = textworld, [AlfredDemangler, AlfredInfos]
+        self.infos = textworld.EnvInfos(won=True, admissible_commands=True, policy_commands=expert,
+                                        extras=["gamefile"])
+        self._envs = {}  # one loaded engine per game file
+
+    def reset(self, game_index=None):
+        if game_index is None and self.split == "train":
+            game_index = self.rng.randrange(len(self.game_files))
+        elif game_index is None:
+            game_index, self.next_game = self.next_game, (self.next_game + 1) % len(self.game_files)
+        self.game_file = self.game_files[game_index]
+        if self.game_file not in self._envs:
+            self._envs[self.game_file] = self._textworld.start(self.game_file, self.infos, wrappers=self._wrappers)
+        self.env = self._envs[self.game_file]
+        state = self.env.reset()
+        obs = state["feedback"].replace("-= Welcome to TextWorld, ALFRED! =-", "").strip()
+        with open(os.path.join(os.path.dirname(self.game_file), "traj_data.json")) as f:
+            self.task_type = json.load(f)["task_type"]
+        self.task = obs.partition("Your task is to: ")[2].strip().rstrip(".")
+        self.steps = 0
+        return obs, self._info(state, valid=True)
+
+    def step(self, action):
+        action = str(action).strip()
+        valid = action in self.state["admissible_commands"]
+        state, _, _ = self.env.step(action)  # anything not admissible answers "Nothing happens."
+        self.steps += 1
+        won = bool(state["won"])
+        return state["feedback"], float(won), won, self.steps >= self.max_steps and not won, self._info(state, valid)
+
+    def _info(self, state, valid):
+        self.state = state
+        plan = state.get("policy_commands") if self.expert else None
+        return dict(task=self.task, task_type=self.task_type, admissible_actions=list(state["admissible_commands"]),
+                    won=bool(state["won"]), valid_action=valid, expert_action=plan[0] if plan else None,
+                    gamefile=self.game_file)
+
+
+# ---- offline ALFWorld games ----
+
+_ROOMS = {"Kitchen": range(1, 31), "LivingRoom": range(201, 231), "Bedroom": range(301, 331),
+          "Bathroom": range(401, 431)}
+_LAMP_HOLDERS = ("SideTable", "Desk", "Dresser", "DiningTable", "CoffeeTable", "Shelf")
+_APPLIANCE = {"pick_clean_then_place_in_recep": ("Cleanable", "SinkBasin"),
+              "pick_heat_then_place_in_recep": ("Heatable", "Microwave"),
+              "pick_cool_then_place_in_recep": ("Coolable", "Fridge")}
+
+
+def _mangle(name):
+    for a, b in (("-", "_minus_"), ("|", "_bar_"), ("+", "_plus_"), (".", "_dot_"), (",", "_comma_")):
+        name = name.replace(a, b)
+    return name
+
+
+def _room_split(floor_plan, split):
+    """Unseen rooms (valid_unseen) are the last five of each room type; the others are seen."""
+    unseen = floor_plan % 100 > 25
+    return unseen == (split == "valid_unseen")
+
+
+def _sample_game(rng, task_type, split, max_receptacles, n_distractors):
+    """One game's PDDL problem and traj_data, or None if the drawn room cannot host the task."""
+    from alfworld.gen import constants as C
+    from alfworld.gen import goal_library
+    layouts = os.path.join(os.path.dirname(C.__file__), "layouts")
+    rooms = [n for room in C.GOALS_VALID[task_type] for n in _ROOMS[room] if _room_split(n, split)]
+    floor_plan = rng.choice(rooms)
+    with open(os.path.join(layouts, f"FloorPlan{floor_plan}-objects.json")) as f:
+        classes = set(json.load(f))
+    with open(os.path.join(layouts, f"FloorPlan{floor_plan}-openable.json")) as f:
+        poses = json.load(f)
+    receptacles = {}  # id -> (class, location)
+    for rid, (x, z, rot, hor) in sorted(poses.items()):
+        cls = {"Sink": "SinkBasin", "Bathtub": "BathtubBasin"}.get(rid.split("|")[0], rid.split("|")[0])
+        if cls in C.VAL_RECEPTACLE_OBJECTS and cls not in C.MOVABLE_RECEPTACLES_SET:
+            rid = rid if rid.endswith(cls) else rid + "|" + cls  # ALFRED's basin ids, shown as "sinkbasin 1"
+            loc = f"loc|{round(x / 0.25)}|{round(z / 0.25)}|{round(rot / 90)}|{round(hor)}"
+            receptacles[_mangle(rid)] = (cls, _mangle(loc))
+    present = {c for c, _ in receptacles.values()}
+    movable = classes - C.RECEPTACLES | (classes & C.MOVABLE_RECEPTACLES_SET)
+    holders = lambda obj: [r for r, (c, _) in receptacles.items() if obj in C.VAL_RECEPTACLE_OBJECTS[c]]  # noqa: E731
+    action, appliance = _APPLIANCE.get(task_type, (None, None))
+    toggle = ""
+    if task_type == "look_at_obj_in_light":
+        lamp_spots = [r for r, (c, _) in receptacles.items() if c in _LAMP_HOLDERS]
+        if "DeskLamp" not in classes or not lamp_spots:
+            return None
+        toggle, parent = "DeskLamp", ""
+        objs = sorted(o for o in movable if o not in C.MOVABLE_RECEPTACLES_SET and holders(o) and o != "DeskLamp")
+    else:
+        if appliance and appliance not in present:
+            return None
+        objs = sorted(o for o in movable if holders(o) and (not action or o in C.VAL_ACTION_OBJECTS[action]))
+    if not objs:
+        return None
+    obj = rng.choice(objs)
+    if task_type != "look_at_obj_in_light":
+        parents = sorted({c for c in present if obj in C.VAL_RECEPTACLE_OBJECTS[c]} - {appliance})
+        if not parents:
+            return None
+        parent = rng.choice(parents)
+    # keep the receptacles the task needs, then fill the room up to max_receptacles
+    need = [rng.choice([r for r, (c, _) in receptacles.items() if c == cls]) for cls in (parent, appliance) if cls]
+    if toggle:
+        need.append(rng.choice(lamp_spots))
+    others = [r for r in receptacles if r not in need]
+    rng.shuffle(others)
+    keep = need + others[:max(0, (max_receptacles or len(receptacles)) - len(need))]
+    receptacles = {r: receptacles[r] for r in sorted(keep)}
+    spots = lambda o: [r for r in holders(o) if r in receptacles and receptacles[r][0] != parent]  # noqa: E731
+    if not spots(obj):
+        return None
+    placed = []  # (class, receptacle id)
+    n_target = rng.randint(2, 3) if task_type == "pick_two_obj_and_place" else rng.randint(1, 2)
+    placed += [(obj, rng.choice(spots(obj))) for _ in range(n_target)]
+    if toggle:
+        placed.append((toggle, need[-1]))
+    distractors = [o for o in sorted(movable - {obj, toggle}) if spots(o)]
+    placed += [(o, rng.choice(spots(o))) for o in rng.sample(distractors, min(n_distractors, len(distractors)))]
+
+    rtypes = sorted(C.RECEPTACLES - C.MOVABLE_RECEPTACLES_SET)
+    otypes = sorted(C.OBJECTS_SET - set(rtypes))
+    agent_loc = _mangle(f"loc|{rng.randint(-20, 20)}|{rng.randint(-20, 20)}|{rng.randint(0, 3)}|30")
+    objects, init = [], [f"(atLocation agent1 {agent_loc})", "(= (total-cost) 0)"]
+    for rid, (cls, loc) in receptacles.items():
+        init += [f"(receptacleType {rid} {cls}Type)", f"(receptacleAtLocation {rid} {loc})"]
+        init += [f"(openable {rid})"] if cls in C.OPENABLE_CLASS_SET else []
+    for cls, rid in placed:
+        oid = _mangle(f"{cls}|{rng.uniform(-3, 3):+06.2f}|{rng.uniform(0, 2):+06.2f}|{rng.uniform(-3, 3):+06.2f}")
+        objects.append(oid)
+        init += [f"(objectType {oid} {cls}Type)", f"(inReceptacle {oid} {rid})",
+                 f"(objectAtLocation {oid} {receptacles[rid][1]})"]
+        init += [f"(pickupable {oid})"] if cls != toggle else [f"(toggleable {oid})"]
+        init += [f"(isReceptacleObject {oid})"] if cls in C.MOVABLE_RECEPTACLES_SET else []
+        init += [f"({a.lower()} {oid})" for a in ("Cleanable", "Heatable", "Coolable", "Sliceable")
+                 if cls in C.VAL_ACTION_OBJECTS[a]]
+    init += [f"(canContain {r}Type {o}Type)" for r in sorted({c for c, _ in receptacles.values()})
+             for o in sorted({c for c, _ in placed}) if o in C.VAL_RECEPTACLE_OBJECTS[r]]
+    locations = sorted({loc for _, loc in receptacles.values()} | {agent_loc})
+    decl = (["agent1 - agent"] + [f"{t}Type - otype" for t in otypes] + [f"{t}Type - rtype" for t in rtypes]
+            + [f"{o} - object" for o in objects] + [f"{r} - receptacle" for r in receptacles]
+            + [f"{loc} - location" for loc in locations])
+    goal = goal_library.gdict[task_type]["pddl"].format(obj=obj, recep=parent, toggle=toggle).replace("#", "-")
+    goal = goal.rstrip()[:-1]  # the library's goal text also closes the (define ...)
+    problem = ("(define (problem plan_trial)\n(:domain alfred)\n(:objects\n    " + "\n    ".join(decl)
+               + "\n)\n(:init\n    " + "\n    ".join(init) + "\n)\n" + goal + "(:metric minimize (total-cost))\n)\n")
+    params = dict(object_target=obj, parent_target=parent, toggle_target=toggle, mrecep_target="",
+                  object_sliced=False)
+    template = rng.choice(goal_library.gdict[task_type]["templates"])
+    task = template.format(obj=obj.lower(), recep=parent.lower(), toggle=toggle.lower(), mrecep="")
+    traj = dict(task_type=task_type, pddl_params=params, scene=dict(floor_plan=f"FloorPlan{floor_plan}"),
+                task_desc=task)
+    name = f"{task_type}-{obj}-None-{parent or toggle}-{floor_plan}"
+    return name, problem, traj
+
+
+def generate_alfworld_games(out_dir, per_task_type, seed, split="train", task_types=ALFWORLD_TASK_TYPES,
+                            max_receptacles=None, n_distractors=6):
+    """Write `per_task_type` solvable games of each type in ALFWorld's released layout,
+    <out_dir>/json_2.1.1/<split>/<task>-<Obj>-None-<Parent>-<scene>/trial_<id>/{game.tw-pddl,traj_data.json},
+    using only files inside the alfworld wheel. Each game's planner walkthrough is replayed to won=True.
+    valid_unseen uses rooms that train/valid_seen never use. Returns the game files written."""
+    import textworld
+    from alfworld.agents.environment.alfred_tw_env import AlfredDemangler
+    from textworld.envs.pddl import PddlEnv
+    alf_data = os.path.join(os.path.dirname(__import__("alfworld").__file__), "data")
+    with open(os.path.join(alf_data, "alfred.pddl")) as f:
+        domain = f.read()
+    with open(os.path.join(alf_data, "alfred.twl2")) as f:
+        grammar = f.read()
+    _install_sas_cache()
+    written = []
+    for task_type in task_types:
+        rng = random.Random(f"{seed}/{split}/{task_type}")
+        made = 0
+        while made < per_task_type:
+            sample = _sample_game(rng, task_type, split, max_receptacles, n_distractors)
+            if sample is None:
+                continue
+            name, problem, traj = sample
+            game = dict(pddl_domain=domain, grammar=grammar.replace("UNKNOWN GOAL", traj["task_desc"]),
+                        pddl_problem=problem, solvable=False, walkthrough=None)
+            env = AlfredDemangler(PddlEnv(textworld.EnvInfos(won=True, policy_commands=True)))
+            env.load(game)  # the walkthrough in demangled names ("mug 1"), as the player sees them
+            state = env.reset()
+            plan = list(state["policy_commands"])
+            for command in plan:
+                state, _, _ = env.step(command)
+            if not plan or not state["won"]:
+                continue
+            game.update(solvable=True, walkthrough=plan)
+            game_dir = os.path.join(out_dir, "json_2.1.1", split, name, f"trial_{seed}_{made:04d}")
+            os.makedirs(game_dir, exist_ok=True)
+            with open(os.path.join(game_dir, "game.tw-pddl"), "w") as f:
+                json.dump(game, f)
+            with open(os.path.join(game_dir, "traj_data.json"), "w") as f:
+                json.dump(traj, f, indent=1)
+            written.append(os.path.join(game_dir, "game.tw-pddl"))
+            made += 1
+    return written
+
+
+# ---- WebShop ----
+
+def _webshop_engine(**kwargs):
+    """WebShop's own text environment, from the checkout that WEBSHOP_PATH points at."""
+    path = os.environ.get("WEBSHOP_PATH")
+    if not path or not os.path.isdir(os.path.join(path, "web_agent_site")):
+        raise FileNotFoundError(
+            f"WebShop not found: WEBSHOP_PATH={path!r} must be a checkout of the official WebShop repository "
+            "(princeton-nlp/WebShop) with its data and search index set up by its `setup.sh -d small` "
+            "(1,000 products, human instructions, pyserini index; needs Java and spaCy's en_core_web_sm).")
+    sys.path.insert(0, path)
+    from web_agent_site.envs import WebAgentTextEnv
+    return WebAgentTextEnv(observation_mode="text", human_goals=True, **kwargs)
+
+
+class WebShopEnv:
+    """WebShop in text mode (§10, §11). Goals 0–499 of the engine's (fixed, seeded) goal list are the
+    evaluation set, visited in order; training draws the other goals without replacement (seeded), so
+    the two never overlap whatever the seeds or number of workers. Reward is the engine's score in
+    [0, 1]; won ⇔ score = 1."""
+
+    def __init__(self, split="train", seed=0, max_steps=50, engine=None, **engine_kwargs):
+        self.engine = (engine or _webshop_engine)(**engine_kwargs)
+        n = len(self.engine.server.goals)
+        if split == "train":
+            self.goals = list(range(WEBSHOP_N_EVAL_GOALS, n))
+            random.Random(seed).shuffle(self.goals)
+        else:
+            self.goals = list(range(min(WEBSHOP_N_EVAL_GOALS, n)))
+        self.max_steps, self.next_goal = max_steps, 0
+
+    def reset(self, goal_index=None):
+        if goal_index is None:
+            goal_index, self.next_goal = self.goals[self.next_goal], (self.next_goal + 1) % len(self.goals)
+        self.goal_index = goal_index
+        obs, _ = self.engine.reset(session=goal_index)
+        pieces = [p.strip() for p in self.engine.get_instruction_text().split("[SEP]")]
+        self.task = " ".join(p for p in pieces if p and p != "Instruction:")
+        self.steps = 0
+        return self._format(obs), self._info(valid=True, won=False)
+
+    def step(self, action):
+        action = str(action).strip()
+        valid = action in self._admissible() or (action.startswith("search[") and action.endswith("]")
+                                                 and self.engine.get_available_actions()["has_search_bar"])
+        obs, reward, done, _ = self.engine.step(action)  # the engine answers invalid actions itself
+        self.steps += 1
+        won = bool(done and reward == 1.0)
+        return self._format(obs), float(reward), bool(done), self.steps >= self.max_steps and not done, \
+            self._info(valid, won)
+
+    def _format(self, obs):
+        """Page text split on ' [SEP] ', instruction removed, the other pieces single-quoted (§10)."""
+        pieces = [p.strip() for p in obs.split(" [SEP] ")]
+        pieces = [p for p in pieces if p and p not in ("Instruction:", self.task)]
+        return ", ".join(f"'{p}'" for p in pieces)
+
+    def _admissible(self):
+        avail = self.engine.get_available_actions()
+        return (["search[<your query>]"] if avail["has_search_bar"] else []) + \
+            [f"click[{c}]" for c in avail["clickables"]]
+
+    def _info(self, valid, won):
+        return dict(task=self.task, task_type="webshop", admissible_actions=self._admissible(), won=won,
+                    valid_action=valid, expert_action=None, goal_index=self.goal_index)
+
+
+# ---- env pool ----
+
+def _worker(conn, name, seeds, options):
+    try:
+        envs = [make(name, seed=s, **options) for s in seeds]
+        conn.send(("ok", None))
+        while True:
+            cmd, args = conn.recv()
+            if cmd == "close":
+                break
+            if cmd == "reset":
+                out = [env.reset() for env in envs]
+            else:
+                out = [None if a is None else env.step(a) for env, a in zip(envs, args)]
+            conn.send(("ok", out))
+    except Exception:
+        conn.send(("error", traceback.format_exc()))
+
+
+class EnvPool:
+    """n environments stepped in `workers` processes; env i has seed `seed + i`. reset() and step(actions)
+    return lists in env order; an action of None leaves that env alone (its entry is None). A worker
+    that raises or dies is reported with its error instead of hanging."""
+
+    def __init__(self, name, n, workers, seed=0, **options):
+        self.n = n
+        shards = [list(range(n))[w::workers] for w in range(workers) if w < n]
+        ctx = mp.get_context("fork")
+        self.procs, self.conns, self.shards = [], [], shards
+        for shard in shards:
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=_worker, args=(child, name, [seed + i for i in shard], options), daemon=True)
+            proc.start()
+            self.procs.append(proc)
+            self.conns.append(parent)
+        self._gather()
+
+    def _gather(self):
+        results = []
+        for w, (proc, conn) in enumerate(zip(self.procs, self.conns)):
+            while not conn.poll(1.0):
+                if not proc.is_alive():
+                    self.close()
+                    raise RuntimeError(f"env worker {w} died (exit code {proc.exitcode})")
+            status, payload = conn.recv()
+            if status == "error":
+                self.close()
+                raise RuntimeError(f"env worker {w} failed:\n{payload}")
+            results.append(payload)
+        return results
+
+    def _scatter(self, results):
+        out = [None] * self.n
+        for shard, res in zip(self.shards, results):
+            for i, r in zip(shard, res):
+                out[i] = r
+        return out
+
+    def reset(self):
+        for conn in self.conns:
+            conn.send(("reset", None))
+        return self._scatter(self._gather())
+
+    def step(self, actions):
+        for shard, conn in zip(self.shards, self.conns):
+            conn.send(("step", [actions[i] for i in shard]))
+        return self._scatter(self._gather())
+
+    def close(self):
+        for proc, conn in zip(self.procs, self.conns):
+            if proc.is_alive():
+                conn.send(("close", None))
+            proc.join(timeout=5)
+            if proc.is_alive():
+                proc.kill()
+        self.procs = []
