@@ -32,6 +32,80 @@ def make(name, split="train", seed=0, **options):
     raise ValueError(f"unknown environment {name!r}: expected 'alfworld' or 'webshop'")
 
 
+# ---- plan-execute output: parsing (§2) and prompts (§10) ----
+
+CJK = re.compile("[\u4e00-\u9fff]")
+FORMAT_RULES = """Your response must be exactly three blocks, in this order, and nothing else:
+1. <switch>KEEP</switch> or <switch>SWITCH</switch>: KEEP the current subgoal, or SWITCH to a new one.
+2. <subgoal>...</subgoal>: every step. On KEEP copy the current subgoal verbatim; on SWITCH write a new short subgoal that takes a few actions (not the whole task, not a single action).
+3. <action>...</action>: exactly one admissible action, copied as it is.
+<switch>...</switch>
+<subgoal>...</subgoal>
+<action>...</action>"""
+SUBGOAL_RULES = ("A subgoal is a small short-term goal that takes a few actions. Reconsider it at every step: "
+                 "keep it while it is still useful, switch to a new one when it is done or no longer helps.")
+
+
+def parse_response(text, env_name="alfworld"):
+    """Environment-side parse (§2): returns (switch, subgoal, action_for_env, valid).
+
+    Malformed output is an invalid turn, never an error: without an <action> block the env receives the
+    last 30 (ALFWorld) / 20 (WebShop) characters; missing or duplicated tags, a switch word other than
+    KEEP/SWITCH, an empty subgoal or action, or CJK text make the turn invalid."""
+    low = text.lower()
+    blocks = {tag: (low.find(f"<{tag}>"), low.find(f"</{tag}>")) for tag in ("switch", "subgoal", "action")}
+    content = {tag: text[a + len(tag) + 2:b].strip() if -1 < a < b else None for tag, (a, b) in blocks.items()}
+    if content["action"] is None:
+        return None, None, low[-(30 if env_name == "alfworld" else 20):], False
+    action = content["action"].lower()
+    switch = content["switch"].upper() if content["switch"] is not None else None
+    valid = (switch in ("KEEP", "SWITCH") and bool(content["subgoal"]) and bool(action) and not CJK.search(text)
+             and all(low.count(f"<{t}>") == 1 and low.count(f"</{t}>") == 1 for t in blocks))
+    return switch, content["subgoal"], action, valid
+
+
+def is_boundary(text):
+    """Trainer-side boundary parse (§2): the first <switch> block, stripped and upper-cased; missing or
+    empty means KEEP; anything but exactly KEEP opens a segment."""
+    m = re.search(r"<switch>(.*?)</switch>", text, re.S | re.I)
+    word = m.group(1).strip().upper() if m else ""
+    return word not in ("", "KEEP")
+
+
+def alfworld_prompt(task, obs, history, step, subgoal, admissible):
+    """§10: role, subgoal explanation, (later turns) task, step count and last records, observation,
+    current subgoal ('None' on the first turn), admissible actions, format rules."""
+    actions = "[" + ", ".join(f"'{a}'" for a in admissible if a != "help") + "]"
+    head = "You are an expert agent operating in the ALFRED embodied environment."
+    if step == 0:
+        return (f"{head}\n{SUBGOAL_RULES}\nYour current observation is: {obs}\nYour current subgoal is: None\n"
+                f"Your admissible actions of the current situation are: {actions}\n\n{FORMAT_RULES}")
+    records = " ".join(f"[Observation {step - len(history) + i + 1}: '{o}', Action {step - len(history) + i + 1}: '{a}']"
+                       for i, (o, a) in enumerate(history))
+    return (f"{head} Your task is to: {task}.\n{SUBGOAL_RULES}\nPrior to this step, you have already taken "
+            f"{step} step(s). Below are the most recent {len(history)} observations and the corresponding "
+            f"actions you took: {records}\nYou are now at step {step + 1} and your current observation is: "
+            f"{obs}\nYour current subgoal is: {subgoal}\nYour admissible actions of the current situation are: "
+            f"{actions}\n\n{FORMAT_RULES}")
+
+
+def webshop_prompt(task, obs, history, step, subgoal, admissible, max_chars=13000):
+    """§10: as ALFWorld, with the task in both templates, actions one per line; over max_chars the
+    history-free template is used."""
+    actions = "[\n" + ",\n".join(f"'{a}'" for a in admissible) + "\n]"
+    head = f"You are an expert autonomous agent operating in the WebShop e-commerce environment.\nYour task is to: {task}."
+    tail = (f"Your current observation is: {obs}\nYour current subgoal is: {subgoal if step else 'None'}\n"
+            f"Your admissible actions of the current situation are: {actions}\n\n{FORMAT_RULES}")
+    if step:
+        records = " ".join(f"[Observation {step - len(history) + i + 1}: '{o}', Action {step - len(history) + i + 1}: '{a}']"
+                           for i, (o, a) in enumerate(history))
+        full = (f"{head}\n{SUBGOAL_RULES}\nPrior to this step, you have already taken {step} step(s). Below are "
+                f"the most recent {len(history)} observations and the corresponding actions you took: {records}\n{tail}")
+        if len(full) <= max_chars:
+            return full
+    return f"{head}\n{SUBGOAL_RULES}\n{tail}"
+
+
 # ---- ALFWorld ----
 
 @functools.lru_cache(maxsize=512)
@@ -372,7 +446,7 @@ def _worker(conn, name, seeds, options):
             if cmd == "close":
                 break
             if cmd == "reset":
-                out = [env.reset() for env in envs]
+                out = [env.reset(g) for env, g in zip(envs, args)]
             else:
                 out = [None if a is None else env.step(a) for env, a in zip(envs, args)]
             conn.send(("ok", out))
@@ -381,9 +455,10 @@ def _worker(conn, name, seeds, options):
 
 
 class EnvPool:
-    """n environments stepped in `workers` processes; env i has seed `seed + i`. reset() and step(actions)
-    return lists in env order; an action of None leaves that env alone (its entry is None). A worker
-    that raises or dies is reported with its error instead of hanging."""
+    """n environments stepped in `workers` processes; env i has seed `seed + i`. reset(games) and
+    step(actions) return lists in env order; games[i] picks env i's game (None: the env's own choice), an
+    action of None leaves that env alone (its entry is None). A worker that raises or dies is reported
+    with its error instead of hanging."""
 
     def __init__(self, name, n, workers, seed=0, **options):
         self.n = n
@@ -419,9 +494,10 @@ class EnvPool:
                 out[i] = r
         return out
 
-    def reset(self):
-        for conn in self.conns:
-            conn.send(("reset", None))
+    def reset(self, games=None):
+        games = games or [None] * self.n
+        for shard, conn in zip(self.shards, self.conns):
+            conn.send(("reset", [games[i] for i in shard]))
         return self._scatter(self._gather())
 
     def step(self, actions):

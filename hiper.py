@@ -1,0 +1,516 @@
+"""HiPER trainer (Peng et al., arXiv 2602.16165): plan-execute rollouts, 3-head critic, HAE, PPO.
+
+One iteration, top to bottom: rollout (prompt → generate → parse → env step) → rewards (§8) →
+values at their response positions (§7) → HAE (§5, hae.py) → critic update → actor update.
+
+    python hiper.py --env alfworld --model Qwen/Qwen2.5-1.5B-Instruct
+    python hiper.py --tiny --data_dir data/alfworld --iters 2          # offline CPU run, tiny model
+"""
+import argparse
+import dataclasses
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import envs
+from hae import hae, normalize, term_advantage
+
+
+@dataclass
+class Config:
+    env: str = "alfworld"  # environment (§11)
+    model: str = "Qwen/Qwen2.5-1.5B-Instruct"  # actor and critic checkpoint (§9)
+    tiny: bool = False  # build a tiny Qwen2 + BPE tokenizer offline instead of loading `model`
+    data_dir: str = ""  # ALFWORLD_DATA root; empty: $ALFWORLD_DATA
+    run: str = "runs/hiper"  # output folder: config.json, metrics.jsonl, checkpoints
+    seed: int = 6  # env seed; validation envs use seed + 1000 (§9)
+    iters: int = 150  # training iterations (§9)
+    n_envs: int = 128  # rollout batch: environments per iteration (§9)
+    env_workers: int = 2  # processes stepping the environments
+    max_turns: int = 50  # episode cap (§9)
+    history: int = 2  # (observation, action) pairs in the prompt (§9)
+    max_new_tokens: int = 512  # max response length (§9)
+    temperature: float = 1.0  # train sampling temperature (§9)
+    adv: str = "hae"  # hae | gae (flat turn-level GAE, one segment per episode)
+    gamma: float = 1.0  # γ (§5)
+    lam: float = 1.0  # λ_turn, low-level GAE inside a segment (§5)
+    lam_seg: float = 0.95  # λ_seg, high-level GAE over segments (§5)
+    bootstrap_truncated: bool = True  # self-bootstrap truncated episodes (§5; ALFWorld on, WebShop off)
+    kappa: float = -0.3  # κ, keep penalty (§8)
+    keep_mode: str = "normalized"  # fixed: κ per KEEP turn; normalized: κ/T per KEEP turn (§8)
+    cons_penalty: float = -0.3  # keep-consistency penalty (§8)
+    invalid_coef: float = 0.1  # invalid-action penalty coefficient (§8)
+    actor_lr: float = 1e-6  # (§9)
+    critic_lr: float = 1e-5  # (§9)
+    weight_decay: float = 0.01  # (§9)
+    grad_clip: float = 1.0  # (§9)
+    clip_eps: float = 0.2  # PPO clip ε (§9)
+    dual_clip: float = 3.0  # dual-clip c for negative advantages (§9)
+    value_clip: float = 0.5  # value clip around the rollout-time value (§7)
+    entropy_coef: float = 0.001  # (§9)
+    kl_coef: float = 0.01  # k3 KL to the frozen initial policy (§9)
+    minibatch: int = 256  # turn samples per optimizer step (§9)
+    microbatch: int = 16  # turn samples per forward/backward
+    ppo_epochs: int = 1  # (§9)
+    eval_every: int = 5  # validate every k iterations and before training (§9)
+    eval_temperature: float = 0.4  # (§9)
+    eval_split: str = "valid_seen"  # in-distribution validation (§11)
+    save_every: int = 5  # checkpoint every k iterations
+    resume: bool = False  # continue from <run>/checkpoint
+    eval_only: bool = False  # evaluate `checkpoint` (or the initial model) on the validation splits and exit
+    checkpoint: str = ""  # a saved policy folder (Hugging Face format) for --eval-only
+
+
+def parse_config(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(Config):
+        names = sorted({f"--{f.name}", f"--{f.name.replace('_', '-')}"})
+        if f.type is bool:
+            p.add_argument(*names, type=lambda s: s.lower() in ("1", "true", "yes"), nargs="?", const=True,
+                           default=f.default)
+        else:
+            p.add_argument(*names, type=f.type, default=f.default)
+    return Config(**vars(p.parse_args(argv)))
+
+
+# ---- policy and 3-head critic ----
+
+class Critic(torch.nn.Module):
+    """Separate copy of the base LM with a linear head of 3 outputs: 0 V_low, 1 V_high, 2 V_term (§7)."""
+
+    def __init__(self, backbone):
+        super().__init__()
+        self.backbone = backbone
+        self.head = torch.nn.Linear(backbone.config.hidden_size, 3)
+        torch.nn.init.zeros_(self.head.weight)
+        torch.nn.init.zeros_(self.head.bias)
+
+    def forward(self, ids, attn):
+        return self.head(self.backbone(input_ids=ids, attention_mask=attn).last_hidden_state).float()  # [N, L, 3]
+
+
+def build_tiny(path, texts, seed=0):
+    """A tiny Qwen2 policy and a byte-level BPE tokenizer with a ChatML template, made offline."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=2048, special_tokens=special,
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                  padding_side="left")
+    tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                         "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=4096,
+                      tie_word_embeddings=True, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    Qwen2ForCausalLM(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+
+
+def load_models(policy_path, init_path):
+    """Tokenizer, policy, frozen reference (the initial policy, §9) and critic (a copy of the initial LM)."""
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(policy_path, padding_side="left")
+    policy = AutoModelForCausalLM.from_pretrained(policy_path, dtype=torch.float32)
+    ref = AutoModelForCausalLM.from_pretrained(init_path, dtype=torch.float32).eval().requires_grad_(False)
+    critic = Critic(AutoModel.from_pretrained(init_path, dtype=torch.float32))
+    return tok, policy, ref, critic
+
+
+# ---- token spans and value positions (§5 step 4, §7) ----
+
+def token_spans(tok, response_ids):
+    """Per response token, its [start, end) character range in the decoded response (pitfall 5: tags may
+    merge with neighbours, so spans come from character offsets, not tag ids)."""
+    ends = [len(tok.decode(response_ids[:j + 1])) for j in range(len(response_ids))]
+    return list(zip([0] + ends[:-1], ends)), tok.decode(response_ids)
+
+
+def block_masks(spans, text):
+    """Bool lists over response tokens for the <switch>, <subgoal>, <action> blocks, tags included; without
+    an <action> block the whole response is the action span (§5 step 4)."""
+    low, masks = text.lower(), {}
+    for tag in ("switch", "subgoal", "action"):
+        a, b = low.find(f"<{tag}>"), low.find(f"</{tag}>")
+        lo, hi = (a, b + len(tag) + 3) if -1 < a < b else ((0, len(text)) if tag == "action" else (0, 0))
+        masks[tag] = [s < hi and e > lo for s, e in spans]
+    return masks
+
+
+def v_low_index(spans, text):
+    """§7: first token after `</subgoal>`, else after `</switch>`, else 0."""
+    low = text.lower()
+    for closer in ("</subgoal>", "</switch>"):
+        k = low.find(closer)
+        if k != -1:
+            after = [j for j, (s, _) in enumerate(spans) if s >= k + len(closer)]
+            if after:
+                return after[0]
+    return 0
+
+
+# ---- rollout ----
+
+def generate(policy, tok, prompts, max_new_tokens, temperature):
+    """HF generate on a batch of chat prompts; returns (prompt ids, response ids) lists without padding."""
+    texts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+             for p in prompts]
+    enc = tok(texts, return_tensors="pt", padding=True)
+    out = policy.generate(**enc, do_sample=temperature > 0, temperature=temperature or None, top_p=1.0, top_k=0,
+                          max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id)
+    res = []
+    for i in range(len(prompts)):
+        p = enc.input_ids[i][enc.attention_mask[i].bool()].tolist()
+        r = out[i, enc.input_ids.shape[1]:].tolist()
+        r = r[:r.index(tok.eos_token_id) + 1] if tok.eos_token_id in r else r
+        res.append((p, [t for t in r if t != tok.pad_token_id]))
+    return res
+
+
+def rollout(cfg, policy, tok, pool, temperature, games=None):
+    """Play one episode in every env of the pool (env i on games[i] if given); returns trajectories, each
+    a list of turn dicts."""
+    prompt_fn = envs.alfworld_prompt if cfg.env == "alfworld" else envs.webshop_prompt
+    first = pool.reset(games)
+    state = [dict(obs=o, info=i, history=[], subgoal="None") for o, i in first]
+    trajs = [[] for _ in state]
+    active = list(range(len(state)))
+    policy.eval()
+    for step in range(cfg.max_turns):
+        if not active:
+            break
+        prompts = [prompt_fn(state[i]["info"]["task"], state[i]["obs"], state[i]["history"][-cfg.history:], step,
+                             state[i]["subgoal"], state[i]["info"]["admissible_actions"]) for i in active]
+        with torch.no_grad():
+            outs = generate(policy, tok, prompts, cfg.max_new_tokens, temperature)
+        actions = [None] * len(state)
+        parsed = {}
+        for i, (p_ids, r_ids) in zip(active, outs):
+            text = tok.decode(r_ids, skip_special_tokens=True)
+            switch, subgoal, action, valid = envs.parse_response(text, cfg.env)
+            parsed[i] = (p_ids, r_ids, text, subgoal, valid)
+            actions[i] = action
+        results = pool.step(actions)
+        still = []
+        for i in active:
+            obs, reward, terminated, truncated, info = results[i]
+            p_ids, r_ids, text, subgoal, valid = parsed[i]
+            trajs[i].append(dict(prompt=p_ids, response=r_ids, text=text, valid=valid, won=info["won"],
+                                 done=terminated, boundary=step == 0 or envs.is_boundary(text),
+                                 task_type=info["task_type"]))
+            st = state[i]
+            st["history"].append((st["obs"], actions[i]))
+            st["obs"], st["info"] = obs, info
+            st["subgoal"] = subgoal if subgoal is not None else st["subgoal"]  # last <subgoal> text is current (§2)
+            if not (terminated or truncated):
+                still.append(i)
+        active = still
+    return trajs
+
+
+# ---- rewards (§8) ----
+
+def shape_rewards(cfg, traj, spans_sub):
+    """r_t = r_env + p_keep + p_cons − c·(1 − valid_t), one trajectory; spans_sub[t] are the subgoal-span
+    token ids of turn t (keep-consistency compares them exactly, pitfall 11)."""
+    T = len(traj)
+    rewards = []
+    for t, turn in enumerate(traj):
+        keep = not envs.is_boundary(turn["text"])  # turn 0 counts if it says KEEP
+        r = 10.0 * turn["won"]  # r_env = 10·won (§8)
+        if keep:
+            r += cfg.kappa if cfg.keep_mode == "fixed" else (cfg.kappa / T if T >= 2 else 0.0)
+            if t >= 1 and spans_sub[t] and spans_sub[t - 1] and spans_sub[t] != spans_sub[t - 1]:
+                r += cfg.cons_penalty
+        r -= cfg.invalid_coef * (1 - turn["valid"])  # applied once (pitfall 8)
+        rewards.append(r)
+    return rewards
+
+
+# ---- batch: masks, values, HAE ----
+
+def pad_batch(samples, pad_id):
+    """Right-padded prompt+response ids of a list of turn samples: ids, attention mask, prompt lengths."""
+    seqs = [s["prompt"] + s["response"] for s in samples]
+    L = max(map(len, seqs))
+    ids = torch.full((len(seqs), L), pad_id)
+    attn = torch.zeros(len(seqs), L, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = torch.tensor(s)
+        attn[i, :len(s)] = 1
+    return ids, attn
+
+
+def response_logprobs(model, samples, pad_id, with_entropy=False):
+    """log π(token j | prompt, response[:j]) for each response token, as a [N, R] tensor (0-padded)."""
+    ids, attn = pad_batch(samples, pad_id)
+    logits = model(input_ids=ids, attention_mask=attn).logits.float()
+    R = max(len(s["response"]) for s in samples)
+    idx = torch.tensor([[len(s["prompt"]) - 1 + j for j in range(R)] for s in samples]).clamp(max=ids.shape[1] - 2)
+    lg = logits.gather(1, idx[..., None].expand(-1, -1, logits.shape[-1]))  # [N, R, V] logits before token j
+    tgt = ids.gather(1, idx + 1)
+    logp = torch.log_softmax(lg, -1)
+    out = logp.gather(-1, tgt[..., None])[..., 0]
+    return (out, -(logp.exp() * logp).sum(-1)) if with_entropy else out
+
+
+def critic_values(critic, samples, pad_id):
+    """[N, 3] values: head 0 at the V_low position, heads 1, 2 at response index 0, each read at the
+    position before the token (§7)."""
+    ids, attn = pad_batch(samples, pad_id)
+    out = critic(ids, attn)  # [N, L, 3]
+    rows = torch.arange(len(samples))
+    v_low = out[rows, torch.tensor([len(s["prompt"]) - 1 + s["v_low_idx"] for s in samples]), 0]
+    first = torch.tensor([len(s["prompt"]) - 1 for s in samples])
+    return torch.stack([v_low, out[rows, first, 1], out[rows, first, 2]], -1)
+
+
+def prepare(cfg, trajs, tok, policy, ref, critic):
+    """Flatten trajectories into turn samples with masks, old/ref log-probs, values, HAE advantages."""
+    samples = []
+    for b, traj in enumerate(trajs):
+        spans_sub = []
+        for turn in traj:
+            spans, text = token_spans(tok, turn["response"])
+            m = block_masks(spans, text)
+            turn.update(masks=m, v_low_idx=v_low_index(spans, text))
+            spans_sub.append([tid for tid, keep in zip(turn["response"], m["subgoal"]) if keep])
+        for t, (turn, r) in enumerate(zip(traj, shape_rewards(cfg, traj, spans_sub))):
+            turn.update(reward=r, b=b, t=t)
+            samples.append(turn)
+    with torch.no_grad():
+        for k in range(0, len(samples), cfg.microbatch):
+            mb = samples[k:k + cfg.microbatch]
+            old, rf, vals = (response_logprobs(policy, mb, tok.pad_token_id),
+                             response_logprobs(ref, mb, tok.pad_token_id), critic_values(critic, mb, tok.pad_token_id))
+            for i, s in enumerate(mb):
+                n = len(s["response"])
+                s.update(old_logp=old[i, :n], ref_logp=rf[i, :n], values=vals[i])
+    B, T = len(trajs), max(len(tr) for tr in trajs)
+    z = lambda dtype=torch.float32: torch.zeros(B, T, dtype=dtype)  # noqa: E731
+    r, v_low, v_high, v_term = z(), z(), z(), z()
+    boundary, done, mask = z(torch.bool), z(torch.bool), z(torch.bool)
+    for s in samples:
+        b, t = s["b"], s["t"]
+        r[b, t], mask[b, t], done[b, t] = s["reward"], True, s["done"]
+        v_low[b, t], v_high[b, t], v_term[b, t] = s["values"]
+        boundary[b, t] = s["boundary"] if cfg.adv == "hae" else t == 0
+    if cfg.adv == "gae":  # flat: one segment per episode, V_low everywhere
+        v_high = v_low.clone()
+    lengths = mask.sum(1)
+    last = (lengths - 1).clamp(min=0)
+    seg_start = torch.where(boundary & mask, torch.arange(T).expand(B, T), 0).max(1).values
+    rows = torch.arange(B)
+    boot = (v_low[rows, last], v_high[rows, seg_start]) if cfg.bootstrap_truncated else None
+    out = hae(r, v_low, v_high, boundary, done, mask, boot, gamma=cfg.gamma, lam=cfg.lam, lam_seg=cfg.lam_seg)
+    adv_term, ret_term = term_advantage(r, v_term, v_high, boundary, done, mask, boot, gamma=cfg.gamma)
+    has = lambda key: torch.tensor([[any(trajs[b][t]["masks"][key]) if t < len(trajs[b]) else False  # noqa: E731
+                                     for t in range(T)] for b in range(B)])
+    start = boundary.clone()
+    start[:, 0] = mask[:, 0]
+    # §5 step 5: normalise each level over its own turns, after the returns were formed
+    a_low = normalize(out.adv_low, mask & has("action"))
+    a_high = normalize(out.adv_high, start & mask & has("subgoal"))
+    a_term = normalize(adv_term, mask & has("switch"))
+    for s in samples:
+        b, t = s["b"], s["t"]
+        m = s["masks"]
+        first = bool(start[b, t])
+        # §5 step 4: A_low on action tokens, A_high on subgoal tokens of boundary turns, A_term on switch tokens
+        s["adv"] = torch.tensor([a_low[b, t] * ma + a_high[b, t] * (ms and first) + a_term[b, t] * mw
+                                 for ma, ms, mw in zip(m["action"], m["subgoal"], m["switch"])])
+        s["loss_mask"] = torch.tensor([ma or (ms and first) or mw
+                                       for ma, ms, mw in zip(m["action"], m["subgoal"], m["switch"])])
+        s["returns"] = torch.stack([out.ret_low[b, t], out.ret_high[b, t], ret_term[b, t]])
+        s["value_mask"] = torch.tensor([True, first, True])
+    return samples
+
+
+# ---- critic and actor updates ----
+
+def critic_loss(cfg, critic, mb, pad_id):
+    """§7: clipped value loss per head, mean over that head's turns; L = L_low + L_high + L_term."""
+    v = critic_values(critic, mb, pad_id)  # [N, 3]
+    old = torch.stack([s["values"] for s in mb])
+    ret = torch.stack([s["returns"] for s in mb])
+    m = torch.stack([s["value_mask"] for s in mb]).float()
+    v_clip = old + (v - old).clamp(-cfg.value_clip, cfg.value_clip)
+    per = torch.maximum((v - ret) ** 2, (v_clip - ret) ** 2) * 0.5
+    heads = (per * m).sum(0) / m.sum(0).clamp(min=1)  # [3]
+    return heads.sum(), heads.detach()
+
+
+def actor_loss(cfg, policy, mb, pad_id):
+    """PPO dual-clip objective + entropy bonus + k3 KL to the reference, token-mean over the loss mask."""
+    logp, ent = response_logprobs(policy, mb, pad_id, with_entropy=True)
+    R = logp.shape[1]
+    pad = lambda key, dtype=torch.float32: torch.stack([F.pad(s[key].to(dtype), (0, R - len(s[key])))  # noqa: E731
+                                                        for s in mb])
+    adv, old, ref, m = pad("adv"), pad("old_logp"), pad("ref_logp"), pad("loss_mask")
+    ratio = torch.exp(logp - old)
+    # PPO clip, both sides; dual clip bounds the loss at c·|A| for negative advantages (§9)
+    pg = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - cfg.clip_eps, 1 + cfg.clip_eps))
+    pg = torch.where(adv < 0, torch.minimum(pg, -adv * cfg.dual_clip), pg)
+    # k3 ("low_var_kl"): e^{ref−logp} − (ref−logp) − 1, clamped to ±10 (§9)
+    d = (ref - logp).clamp(-20, 20)
+    kl = (torch.exp(d) - d - 1).clamp(-10, 10)
+    n = m.sum().clamp(min=1)
+    loss = ((pg - cfg.entropy_coef * ent + cfg.kl_coef * kl) * m).sum() / n
+    clipped = ((ratio - 1).abs() > cfg.clip_eps).float()
+    stats = torch.stack([(pg * m).sum() / n, (kl * m).sum() / n, (ent * m).sum() / n, (clipped * m).sum() / n])
+    return loss, stats.detach()
+
+
+def update(cfg, model, opt, samples, loss_fn, pad_id, rng):
+    """Minibatches of `cfg.minibatch` turns, accumulated over micro-batches, then one clipped step."""
+    model.train()
+    stats = []
+    for _ in range(cfg.ppo_epochs):
+        order = list(range(len(samples)))
+        rng.shuffle(order)
+        for k in range(0, len(order), cfg.minibatch):
+            mbatch = [samples[i] for i in order[k:k + cfg.minibatch]]
+            opt.zero_grad()
+            for j in range(0, len(mbatch), cfg.microbatch):
+                micro = mbatch[j:j + cfg.microbatch]
+                loss, st = loss_fn(cfg, model, micro, pad_id)
+                (loss * len(micro) / len(mbatch)).backward()
+                stats.append(st)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+    return torch.stack(stats).mean(0)
+
+
+# ---- evaluation ----
+
+def evaluate(cfg, policy, tok, split):
+    """Every game of the split exactly once at the validation temperature; success overall and per type."""
+    data_dir = cfg.data_dir or os.environ.get("ALFWORLD_DATA", "")
+    n = len(envs.alfworld_game_files(data_dir, split)) if cfg.env == "alfworld" else envs.WEBSHOP_N_EVAL_GOALS
+    pool = envs.EnvPool(cfg.env, n, min(cfg.env_workers, n), seed=cfg.seed + 1000, **env_options(cfg, split))
+    try:
+        trajs = rollout(cfg, policy, tok, pool, cfg.eval_temperature, games=list(range(n)))
+    finally:
+        pool.close()
+    by_type = {}
+    for tr in trajs:
+        by_type.setdefault(tr[-1]["task_type"], []).append(float(tr[-1]["won"]))
+    return dict(success=sum(sum(v) for v in by_type.values()) / len(trajs),
+                **{f"success/{k}": sum(v) / len(v) for k, v in sorted(by_type.items())})
+
+
+def env_options(cfg, split):
+    return dict(split=split, data_dir=cfg.data_dir or None, max_steps=cfg.max_turns) if cfg.env == "alfworld" \
+        else dict(split=split, max_steps=cfg.max_turns)
+
+
+# ---- main ----
+
+def init_model_path(cfg):
+    """The initial checkpoint: `cfg.model`, or with --tiny a tiny model built once under the run folder."""
+    if not cfg.tiny:
+        return cfg.model
+    path = os.path.join(cfg.run, "tiny-init")
+    if not os.path.isdir(path):
+        files = envs.alfworld_game_files(cfg.data_dir, "train")
+        texts = [json.load(open(f))["grammar"] for f in files] + [envs.FORMAT_RULES, envs.SUBGOAL_RULES]
+        build_tiny(path, texts, cfg.seed)
+    return path
+
+
+def peak_memory_gb():
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2 ** 30
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+
+
+def save_checkpoint(cfg, ckpt, it, tok, policy, critic, actor_opt, critic_opt, rng):
+    policy.save_pretrained(os.path.join(ckpt, "policy"))  # Hugging Face format: loads anywhere
+    tok.save_pretrained(os.path.join(ckpt, "policy"))
+    torch.save(dict(critic=critic.state_dict(), actor_opt=actor_opt.state_dict(), critic_opt=critic_opt.state_dict(),
+                    rng=rng.getstate(), torch_rng=torch.get_rng_state(), iteration=it, config=dataclasses.asdict(cfg)),
+               os.path.join(ckpt, "state.pt"))
+
+
+def main(argv=None):
+    cfg = parse_config(argv)
+    torch.manual_seed(cfg.seed)
+    os.makedirs(cfg.run, exist_ok=True)
+    ckpt = os.path.join(cfg.run, "checkpoint")
+    init_path = init_model_path(cfg)
+    resume = cfg.resume and os.path.isdir(ckpt)
+    tok, policy, ref, critic = load_models(cfg.checkpoint or (os.path.join(ckpt, "policy") if resume else init_path),
+                                           init_path)
+    if cfg.eval_only:
+        for split in ("valid_seen", "valid_unseen") if cfg.env == "alfworld" else ("test",):
+            print(split, json.dumps(evaluate(cfg, policy, tok, split)))
+        return
+    actor_opt = torch.optim.AdamW(policy.parameters(), lr=cfg.actor_lr, weight_decay=cfg.weight_decay)
+    critic_opt = torch.optim.AdamW(critic.parameters(), lr=cfg.critic_lr, weight_decay=cfg.weight_decay)
+    rng = random.Random(cfg.seed)
+    start = 0
+    if resume:
+        state = torch.load(os.path.join(ckpt, "state.pt"), weights_only=False)
+        critic.load_state_dict(state["critic"])
+        actor_opt.load_state_dict(state["actor_opt"])
+        critic_opt.load_state_dict(state["critic_opt"])
+        rng.setstate(state["rng"])
+        torch.set_rng_state(state["torch_rng"])
+        start = state["iteration"]
+    with open(os.path.join(cfg.run, "config.json"), "w") as f:
+        json.dump(dataclasses.asdict(cfg), f, indent=1)
+    n_games = len(envs.alfworld_game_files(cfg.data_dir or os.environ.get("ALFWORLD_DATA", ""), "train")) \
+        if cfg.env == "alfworld" else None
+    pool = envs.EnvPool(cfg.env, cfg.n_envs, cfg.env_workers, seed=cfg.seed, **env_options(cfg, "train"))
+    try:
+        for it in tqdm(range(start, cfg.iters), desc="iterations", initial=start, total=cfg.iters):
+            metrics = dict(iteration=it + 1)
+            if cfg.eval_every and it % cfg.eval_every == 0:  # before training and every k iterations (§9)
+                metrics.update({f"{cfg.eval_split}/{k}": v
+                                for k, v in evaluate(cfg, policy, tok, cfg.eval_split).items()})
+            t0 = time.time()
+            # the trainer's own RNG picks the training games, so --resume replays the same stream
+            games = [rng.randrange(n_games) for _ in range(cfg.n_envs)] if n_games else None
+            trajs = rollout(cfg, policy, tok, pool, cfg.temperature, games)
+            t_roll = time.time() - t0
+            samples = prepare(cfg, trajs, tok, policy, ref, critic)
+            c_stats = update(cfg, critic, critic_opt, samples, critic_loss, tok.pad_token_id, rng)
+            a_stats = update(cfg, policy, actor_opt, samples, actor_loss, tok.pad_token_id, rng)
+            turns = [t for tr in trajs for t in tr]
+            seg = sum(t["boundary"] for t in turns)
+            metrics.update(success=sum(tr[-1]["won"] for tr in trajs) / len(trajs),
+                           mean_reward=sum(t["reward"] for t in turns) / len(trajs),
+                           episode_length=len(turns) / len(trajs),
+                           invalid_rate=1 - sum(t["valid"] for t in turns) / len(turns),
+                           switch_rate=seg / len(turns), mean_segment_length=len(turns) / max(seg, 1),
+                           value_loss_low=c_stats[0].item(), value_loss_high=c_stats[1].item(),
+                           value_loss_term=c_stats[2].item(), policy_loss=a_stats[0].item(), kl=a_stats[1].item(),
+                           entropy=a_stats[2].item(), clip_frac=a_stats[3].item(),
+                           rollout_s=t_roll, update_s=time.time() - t0 - t_roll,
+                           tokens_per_s=sum(len(t["response"]) for t in turns) / t_roll,
+                           env_steps_per_s=len(turns) / t_roll, peak_memory_gb=peak_memory_gb())
+            for task_type in sorted(set(t["task_type"] for t in turns)):
+                won = [tr[-1]["won"] for tr in trajs if tr[-1]["task_type"] == task_type]
+                metrics[f"success/{task_type}"] = sum(won) / len(won)
+            with open(os.path.join(cfg.run, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+            if (it + 1) % cfg.save_every == 0 or it + 1 == cfg.iters:
+                save_checkpoint(cfg, ckpt, it + 1, tok, policy, critic, actor_opt, critic_opt, rng)
+    finally:
+        pool.close()
+
+
+if __name__ == "__main__":
+    main()
