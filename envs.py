@@ -72,6 +72,14 @@ def is_boundary(text):
     return word not in ("", "KEEP")
 
 
+def _history(history, step):
+    """The step count and the last (observation, action) records, as `[Observation i: '…', Action i: '…']`."""
+    first = step - len(history) + 1
+    records = " ".join(f"[Observation {first + i}: '{o}', Action {first + i}: '{a}']" for i, (o, a) in enumerate(history))
+    return (f"Prior to this step, you have already taken {step} step(s). Below are the most recent {len(history)} "
+            f"observations and the corresponding actions you took: {records}")
+
+
 def alfworld_prompt(task, obs, history, step, subgoal, admissible):
     """§10: role, subgoal explanation, (later turns) task, step count and last records, observation,
     current subgoal ('None' on the first turn), admissible actions, format rules."""
@@ -80,11 +88,8 @@ def alfworld_prompt(task, obs, history, step, subgoal, admissible):
     if step == 0:
         return (f"{head}\n{SUBGOAL_RULES}\nYour current observation is: {obs}\nYour current subgoal is: None\n"
                 f"Your admissible actions of the current situation are: {actions}\n\n{FORMAT_RULES}")
-    records = " ".join(f"[Observation {step - len(history) + i + 1}: '{o}', Action {step - len(history) + i + 1}: '{a}']"
-                       for i, (o, a) in enumerate(history))
-    return (f"{head} Your task is to: {task}.\n{SUBGOAL_RULES}\nPrior to this step, you have already taken "
-            f"{step} step(s). Below are the most recent {len(history)} observations and the corresponding "
-            f"actions you took: {records}\nYou are now at step {step + 1} and your current observation is: "
+    return (f"{head} Your task is to: {task}.\n{SUBGOAL_RULES}\n{_history(history, step)}\n"
+            f"You are now at step {step + 1} and your current observation is: "
             f"{obs}\nYour current subgoal is: {subgoal}\nYour admissible actions of the current situation are: "
             f"{actions}\n\n{FORMAT_RULES}")
 
@@ -97,10 +102,7 @@ def webshop_prompt(task, obs, history, step, subgoal, admissible, max_chars=1300
     tail = (f"Your current observation is: {obs}\nYour current subgoal is: {subgoal if step else 'None'}\n"
             f"Your admissible actions of the current situation are: {actions}\n\n{FORMAT_RULES}")
     if step:
-        records = " ".join(f"[Observation {step - len(history) + i + 1}: '{o}', Action {step - len(history) + i + 1}: '{a}']"
-                           for i, (o, a) in enumerate(history))
-        full = (f"{head}\n{SUBGOAL_RULES}\nPrior to this step, you have already taken {step} step(s). Below are "
-                f"the most recent {len(history)} observations and the corresponding actions you took: {records}\n{tail}")
+        full = f"{head}\n{SUBGOAL_RULES}\n{_history(history, step)}\n{tail}"
         if len(full) <= max_chars:
             return full
     return f"{head}\n{SUBGOAL_RULES}\n{tail}"
