@@ -323,17 +323,22 @@ def prepare(cfg, trajs, tok, policy, ref, critic):
     a_low = normalize(out.adv_low, mask & has("action"))
     a_high = normalize(out.adv_high, start & mask & has("subgoal"))
     a_term = normalize(adv_term, mask & has("switch"))
+    flat = cfg.adv == "gae"
     for s in samples:
         b, t = s["b"], s["t"]
         m = s["masks"]
         first = bool(start[b, t])
-        # §5 step 4: A_low on action tokens, A_high on subgoal tokens of boundary turns, A_term on switch tokens
-        s["adv"] = torch.tensor([a_low[b, t] * ma + a_high[b, t] * (ms and first) + a_term[b, t] * mw
-                                 for ma, ms, mw in zip(m["action"], m["subgoal"], m["switch"])])
-        s["loss_mask"] = torch.tensor([ma or (ms and first) or mw
-                                       for ma, ms, mw in zip(m["action"], m["subgoal"], m["switch"])])
+        if flat:  # flat PPO: the turn's GAE advantage on all three blocks, only the V_low head trained
+            s["loss_mask"] = torch.tensor([any(x) for x in zip(m["action"], m["subgoal"], m["switch"])])
+            s["adv"] = a_low[b, t] * s["loss_mask"]
+            s["value_mask"] = torch.tensor([True, False, False])
+        else:  # §5 step 4: A_low on action tokens, A_high on subgoal tokens of boundary turns, A_term on switch
+            s["adv"] = torch.tensor([a_low[b, t] * ma + a_high[b, t] * (ms and first) + a_term[b, t] * mw
+                                     for ma, ms, mw in zip(m["action"], m["subgoal"], m["switch"])])
+            s["loss_mask"] = torch.tensor([ma or (ms and first) or mw
+                                           for ma, ms, mw in zip(m["action"], m["subgoal"], m["switch"])])
+            s["value_mask"] = torch.tensor([True, first, True])
         s["returns"] = torch.stack([out.ret_low[b, t], out.ret_high[b, t], ret_term[b, t]])
-        s["value_mask"] = torch.tensor([True, first, True])
     return samples
 
 

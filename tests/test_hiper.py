@@ -182,3 +182,40 @@ def test_two_iterations_then_resume_equals_uninterrupted(tmp_path):
     wb = torch.load(os.path.join(part, "checkpoint", "state.pt"), weights_only=False)["critic"]
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     assert {"success", "invalid_rate", "switch_rate", "kl", "value_loss_high"} <= set(a[0])
+
+
+@pytest.mark.parametrize("adv", ["hae", "gae"])
+def test_token_advantages_follow_the_levels(tiny, adv):
+    """HAE: subgoal tokens train only on boundary turns, each block with its own level; flat GAE: one
+    advantage on every block of every turn. Checked against hae.py on the same turn tensors."""
+    path, _ = tiny
+    tok, policy, ref, critic = hiper.load_models(path, path)
+    torch.manual_seed(0)
+    torch.nn.init.normal_(critic.head.weight)  # distinct V_low / V_high / V_term (zero-init makes them equal)
+    p = tok.apply_chat_template([{"role": "user", "content": "task"}], add_generation_prompt=True)
+    p = list(p["input_ids"] if hasattr(p, "keys") else p)
+    texts = [OK, keep(), OK + "<|im_end|>"]
+    traj = [dict(prompt=p, response=tok(x, add_special_tokens=False).input_ids, text=x, valid=True, won=i == 2,
+                 done=i == 2, boundary=i != 1, task_type="t") for i, x in enumerate(texts)]
+    cfg = hiper.Config(adv=adv, microbatch=2)
+    samples = hiper.prepare(cfg, [traj], tok, policy, ref, critic)
+    def only(s, key):  # tokens in this block alone (a BPE token may straddle two tags, pitfall 5)
+        m = {k: torch.tensor(v) for k, v in s["masks"].items()}
+        return m[key] & ~sum(m[k].int() for k in m if k != key).bool()
+
+    keep_sub = only(samples[1], "subgoal")
+    assert keep_sub.any() and samples[1]["loss_mask"][keep_sub].all() == (adv == "gae")  # KEEP subgoal
+    for s in samples:
+        vals = {k: set(s["adv"][only(s, k)].tolist()) for k in ("switch", "subgoal", "action")}
+        assert all(len(v) == 1 for v in vals.values())  # one advantage per block
+        same = vals["switch"] == vals["action"]
+        assert same == (adv == "gae")
+    r = torch.tensor([[s["reward"] for s in samples]])
+    v = torch.stack([s["values"] for s in samples])[None]  # [1, T, 3]
+    done = torch.tensor([[False, False, True]])
+    boundary = torch.tensor([[True, False, True]]) if adv == "hae" else torch.tensor([[True, False, False]])
+    v_high = v[..., 1] if adv == "hae" else v[..., 0]
+    from hae import hae
+    ref_out = hae(r, v[..., 0], v_high, boundary, done)
+    ret = torch.stack([s["returns"] for s in samples])
+    torch.testing.assert_close(ret[:, 0], ref_out.ret_low[0])
