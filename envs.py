@@ -19,7 +19,7 @@ import traceback
 
 ALFWORLD_TASK_TYPES = ("pick_and_place_simple", "look_at_obj_in_light", "pick_clean_then_place_in_recep",
                        "pick_heat_then_place_in_recep", "pick_cool_then_place_in_recep", "pick_two_obj_and_place")
-ALFWORLD_SPLITS = {"train": "train", "valid_seen": "valid_seen", "valid_unseen": "valid_unseen"}
+ALFWORLD_SPLITS = ("train", "valid_seen", "valid_unseen")  # train, in-distribution, out-of-distribution
 WEBSHOP_N_EVAL_GOALS = 500  # goal indices 0–499 are held out for evaluation (§11)
 
 
@@ -125,8 +125,12 @@ def _install_sas_cache():
 
 
 def alfworld_game_files(data_dir, split, task_types=ALFWORLD_TASK_TYPES):
-    """The solvable games of a split, laid out as `alfworld-download` does: <data_dir>/json_2.1.1/<split>/..."""
-    root = os.path.join(data_dir, "json_2.1.1", ALFWORLD_SPLITS[split])
+    """The solvable games of a split, laid out as `alfworld-download` does: <data_dir>/json_2.1.1/<split>/...
+    An empty data_dir means $ALFWORLD_DATA (default ~/.cache/alfworld, alfworld-download's own default)."""
+    if split not in ALFWORLD_SPLITS:
+        raise ValueError(f"unknown ALFWorld split {split!r}: expected one of {ALFWORLD_SPLITS}")
+    data_dir = os.path.expanduser(data_dir or os.environ.get("ALFWORLD_DATA", "~/.cache/alfworld"))
+    root = os.path.join(data_dir, "json_2.1.1", split)
     if not os.path.isdir(root):
         raise FileNotFoundError(
             f"ALFWorld data not found: looked for {root}. Get the released games with "
@@ -163,8 +167,7 @@ class ALFWorldEnv:
         import textworld
         from alfworld.agents.environment.alfred_tw_env import AlfredDemangler, AlfredInfos
         _install_sas_cache()
-        data_dir = data_dir or os.path.expandvars(os.environ.get("ALFWORLD_DATA", "~/.cache/alfworld"))
-        self.game_files = alfworld_game_files(os.path.expanduser(data_dir), split, tuple(task_types))
+        self.game_files = alfworld_game_files(data_dir, split, tuple(task_types))
         self.split, self.max_steps, self.expert = split, max_steps, expert
         self.rng = random.Random(seed)
         self.next_game = 0

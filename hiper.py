@@ -401,8 +401,7 @@ def update(cfg, model, opt, samples, loss_fn, pad_id, rng):
 
 def evaluate(cfg, policy, tok, split):
     """Every game of the split exactly once at the validation temperature; success overall and per type."""
-    data_dir = cfg.data_dir or os.environ.get("ALFWORLD_DATA", "")
-    n = len(envs.alfworld_game_files(data_dir, split)) if cfg.env == "alfworld" else envs.WEBSHOP_N_EVAL_GOALS
+    n = len(envs.alfworld_game_files(cfg.data_dir, split)) if cfg.env == "alfworld" else envs.WEBSHOP_N_EVAL_GOALS
     pool = envs.EnvPool(cfg.env, n, min(cfg.env_workers, n), seed=cfg.seed + 1000, **env_options(cfg, split))
     try:
         trajs = rollout(cfg, policy, tok, pool, cfg.eval_temperature, games=list(range(n)))
@@ -476,8 +475,7 @@ def main(argv=None):
         start = state["iteration"]
     with open(os.path.join(cfg.run, "config.json"), "w") as f:
         json.dump(dataclasses.asdict(cfg), f, indent=1)
-    n_games = len(envs.alfworld_game_files(cfg.data_dir or os.environ.get("ALFWORLD_DATA", ""), "train")) \
-        if cfg.env == "alfworld" else None
+    n_games = len(envs.alfworld_game_files(cfg.data_dir, "train")) if cfg.env == "alfworld" else None
     pool = envs.EnvPool(cfg.env, cfg.n_envs, cfg.env_workers, seed=cfg.seed, **env_options(cfg, "train"))
     try:
         for it in tqdm(range(start, cfg.iters), desc="iterations", initial=start, total=cfg.iters):
