@@ -416,8 +416,9 @@ class WebShopEnv:
 
     def step(self, action):
         action = str(action).strip()
-        valid = action in self._admissible() or (action.startswith("search[") and action.endswith("]")
-                                                 and self.engine.get_available_actions()["has_search_bar"])
+        admissible = self._admissible()
+        valid = action in admissible or (action.startswith("search[") and action.endswith("]")
+                                         and "search[<your query>]" in admissible)
         obs, reward, done, _ = self.engine.step(action)  # the engine answers invalid actions itself
         self.steps += 1
         won = bool(done and reward == 1.0)

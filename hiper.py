@@ -407,6 +407,11 @@ def evaluate(cfg, policy, tok, split):
         trajs = rollout(cfg, policy, tok, pool, cfg.eval_temperature, games=list(range(n)))
     finally:
         pool.close()
+    return success_by_type(trajs)
+
+
+def success_by_type(trajs):
+    """Episode success rate, overall and per task type (from the last turn of each trajectory)."""
     by_type = {}
     for tr in trajs:
         by_type.setdefault(tr[-1]["task_type"], []).append(float(tr[-1]["won"]))
@@ -415,7 +420,7 @@ def evaluate(cfg, policy, tok, split):
 
 
 def env_options(cfg, split):
-    return dict(split=split, data_dir=cfg.data_dir or None, max_steps=cfg.max_turns) if cfg.env == "alfworld" \
+    return dict(split=split, data_dir=cfg.data_dir, max_steps=cfg.max_turns) if cfg.env == "alfworld" \
         else dict(split=split, max_steps=cfg.max_turns)
 
 
@@ -493,8 +498,8 @@ def main(argv=None):
             a_stats = update(cfg, policy, actor_opt, samples, actor_loss, tok.pad_token_id, rng)
             turns = [t for tr in trajs for t in tr]
             seg = sum(t["boundary"] for t in turns)
-            metrics.update(success=sum(tr[-1]["won"] for tr in trajs) / len(trajs),
-                           mean_reward=sum(t["reward"] for t in turns) / len(trajs),
+            metrics.update(success_by_type(trajs))
+            metrics.update(mean_reward=sum(t["reward"] for t in turns) / len(trajs),
                            episode_length=len(turns) / len(trajs),
                            invalid_rate=1 - sum(t["valid"] for t in turns) / len(turns),
                            switch_rate=seg / len(turns), mean_segment_length=len(turns) / max(seg, 1),
@@ -504,9 +509,6 @@ def main(argv=None):
                            rollout_s=t_roll, update_s=time.time() - t0 - t_roll,
                            tokens_per_s=sum(len(t["response"]) for t in turns) / t_roll,
                            env_steps_per_s=len(turns) / t_roll, peak_memory_gb=peak_memory_gb())
-            for task_type in sorted(set(t["task_type"] for t in turns)):
-                won = [tr[-1]["won"] for tr in trajs if tr[-1]["task_type"] == task_type]
-                metrics[f"success/{task_type}"] = sum(won) / len(won)
             with open(os.path.join(cfg.run, "metrics.jsonl"), "a") as f:
                 f.write(json.dumps(metrics) + "\n")
             if (it + 1) % cfg.save_every == 0 or it + 1 == cfg.iters:
