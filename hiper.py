@@ -27,6 +27,7 @@ from hae import hae, normalize, term_advantage
 class Config:
     env: str = "alfworld"  # environment (§11)
     model: str = "Qwen/Qwen2.5-1.5B-Instruct"  # actor and critic checkpoint (§9)
+    device: str = ""  # cuda when available, else cpu
     tiny: bool = False  # build a tiny Qwen2 + BPE tokenizer offline instead of loading `model`
     data_dir: str = ""  # ALFWORLD_DATA root; empty: $ALFWORLD_DATA
     run: str = "runs/hiper"  # output folder: config.json, metrics.jsonl, checkpoints
@@ -58,6 +59,8 @@ class Config:
     kl_coef: float = 0.01  # k3 KL to the frozen initial policy (§9)
     minibatch: int = 256  # turn samples per optimizer step (§9)
     microbatch: int = 16  # turn samples per forward/backward
+    grad_checkpointing: bool = False  # recompute activations in the backward pass (saves memory on long prompts)
+    max_prompt: int = 2048  # longer prompts are an error, as in the official scripts (§9)
     ppo_epochs: int = 1  # (§9)
     eval_every: int = 5  # validate every k iterations and before training (§9)
     eval_temperature: float = 0.4  # (§9)
@@ -93,7 +96,8 @@ class Critic(torch.nn.Module):
         torch.nn.init.zeros_(self.head.bias)
 
     def forward(self, ids, attn):
-        return self.head(self.backbone(input_ids=ids, attention_mask=attn).last_hidden_state).float()  # [N, L, 3]
+        with autocast(ids.device):
+            return self.head(self.backbone(input_ids=ids, attention_mask=attn).last_hidden_state).float()  # [N, L, 3]
 
 
 def build_tiny(path, texts, seed=0):
@@ -118,14 +122,24 @@ def build_tiny(path, texts, seed=0):
     tok.save_pretrained(path)
 
 
-def load_models(policy_path, init_path):
-    """Tokenizer, policy, frozen reference (the initial policy, §9) and critic (a copy of the initial LM)."""
+def load_models(policy_path, init_path, device="cpu", grad_checkpointing=False):
+    """Tokenizer, policy, frozen reference (the initial policy, §9) and critic (a copy of the initial LM).
+    Trained weights stay fp32 (forwards run under bf16 autocast on GPU); the reference is bf16 on GPU."""
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
     tok = AutoTokenizer.from_pretrained(policy_path, padding_side="left")
-    policy = AutoModelForCausalLM.from_pretrained(policy_path, dtype=torch.float32)
-    ref = AutoModelForCausalLM.from_pretrained(init_path, dtype=torch.float32).eval().requires_grad_(False)
-    critic = Critic(AutoModel.from_pretrained(init_path, dtype=torch.float32))
+    policy = AutoModelForCausalLM.from_pretrained(policy_path, dtype=torch.float32).to(device)
+    ref_dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    ref = AutoModelForCausalLM.from_pretrained(init_path, dtype=ref_dtype).to(device).eval().requires_grad_(False)
+    critic = Critic(AutoModel.from_pretrained(init_path, dtype=torch.float32)).to(device)
+    if grad_checkpointing:
+        policy.gradient_checkpointing_enable()
+        critic.backbone.gradient_checkpointing_enable()
     return tok, policy, ref, critic
+
+
+def autocast(device):
+    """bf16 autocast on GPU; a no-op on CPU, where everything runs in fp32."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
 # ---- token spans and value positions (§5 step 4, §7) ----
@@ -162,13 +176,17 @@ def v_low_index(spans, text):
 
 # ---- rollout ----
 
-def generate(policy, tok, prompts, max_new_tokens, temperature):
+def generate(policy, tok, prompts, max_new_tokens, temperature, max_prompt=2048):
     """HF generate on a batch of chat prompts; returns (prompt ids, response ids) lists without padding."""
     texts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
              for p in prompts]
     enc = tok(texts, return_tensors="pt", padding=True)
-    out = policy.generate(**enc, do_sample=temperature > 0, temperature=temperature or None, top_p=1.0, top_k=0,
-                          max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id)
+    longest = enc.attention_mask.sum(1).max().item()
+    if longest > max_prompt:  # the official scripts stop here too (§9); raise --max_prompt or shorten --history
+        raise ValueError(f"prompt of {longest} tokens exceeds max_prompt={max_prompt}")
+    with autocast(policy.device):
+        out = policy.generate(**{k: v.to(policy.device) for k, v in enc.items()}, do_sample=temperature > 0, temperature=temperature or None,
+                              top_p=1.0, top_k=0, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id).cpu()
     res = []
     for i in range(len(prompts)):
         p = enc.input_ids[i][enc.attention_mask[i].bool()].tolist()
@@ -193,7 +211,7 @@ def rollout(cfg, policy, tok, pool, temperature, games=None):
         prompts = [prompt_fn(state[i]["info"]["task"], state[i]["obs"], state[i]["history"][-cfg.history:], step,
                              state[i]["subgoal"], state[i]["info"]["admissible_actions"]) for i in active]
         with torch.no_grad():
-            outs = generate(policy, tok, prompts, cfg.max_new_tokens, temperature)
+            outs = generate(policy, tok, prompts, cfg.max_new_tokens, temperature, cfg.max_prompt)
         actions = [None] * len(state)
         parsed = {}
         for i, (p_ids, r_ids) in zip(active, outs):
@@ -240,8 +258,8 @@ def shape_rewards(cfg, traj, spans_sub):
 
 # ---- batch: masks, values, HAE ----
 
-def pad_batch(samples, pad_id):
-    """Right-padded prompt+response ids of a list of turn samples: ids, attention mask, prompt lengths."""
+def pad_batch(samples, pad_id, device):
+    """Right-padded prompt+response ids of a list of turn samples, on `device`: ids and attention mask."""
     seqs = [s["prompt"] + s["response"] for s in samples]
     L = max(map(len, seqs))
     ids = torch.full((len(seqs), L), pad_id)
@@ -249,27 +267,29 @@ def pad_batch(samples, pad_id):
     for i, s in enumerate(seqs):
         ids[i, :len(s)] = torch.tensor(s)
         attn[i, :len(s)] = 1
-    return ids, attn
+    return ids.to(device), attn.to(device)
 
 
 def response_logprobs(model, samples, pad_id, with_entropy=False):
-    """log π(token j | prompt, response[:j]) for each response token, as a [N, R] tensor (0-padded)."""
-    ids, attn = pad_batch(samples, pad_id)
-    logits = model(input_ids=ids, attention_mask=attn).logits.float()
+    """log π(token j | prompt, response[:j]) for each response token, as a [N, R] tensor (0-padded). The LM
+    head runs only on the R positions before response tokens: [N, R, V] logits, not [N, L, V]."""
+    ids, attn = pad_batch(samples, pad_id, model.device)
     R = max(len(s["response"]) for s in samples)
-    idx = torch.tensor([[len(s["prompt"]) - 1 + j for j in range(R)] for s in samples]).clamp(max=ids.shape[1] - 2)
-    lg = logits.gather(1, idx[..., None].expand(-1, -1, logits.shape[-1]))  # [N, R, V] logits before token j
-    tgt = ids.gather(1, idx + 1)
-    logp = torch.log_softmax(lg, -1)
-    out = logp.gather(-1, tgt[..., None])[..., 0]
+    idx = torch.tensor([[len(s["prompt"]) - 1 + j for j in range(R)] for s in samples],
+                       device=ids.device).clamp(max=ids.shape[1] - 2)
+    with autocast(ids.device):
+        hidden = model.get_decoder()(input_ids=ids, attention_mask=attn).last_hidden_state
+        hidden = hidden.gather(1, idx[..., None].expand(-1, -1, hidden.shape[-1]))  # [N, R, H] before token j
+        logp = torch.log_softmax(model.get_output_embeddings()(hidden).float(), -1)
+    out = logp.gather(-1, ids.gather(1, idx + 1)[..., None])[..., 0]
     return (out, -(logp.exp() * logp).sum(-1)) if with_entropy else out
 
 
 def critic_values(critic, samples, pad_id):
     """[N, 3] values: head 0 at the V_low position, heads 1, 2 at response index 0, each read at the
     position before the token (§7)."""
-    ids, attn = pad_batch(samples, pad_id)
-    out = critic(ids, attn)  # [N, L, 3]
+    ids, attn = pad_batch(samples, pad_id, next(critic.parameters()).device)
+    out = critic(ids, attn).cpu()  # [N, L, 3]
     rows = torch.arange(len(samples))
     v_low = out[rows, torch.tensor([len(s["prompt"]) - 1 + s["v_low_idx"] for s in samples]), 0]
     first = torch.tensor([len(s["prompt"]) - 1 for s in samples])
@@ -292,8 +312,9 @@ def prepare(cfg, trajs, tok, policy, ref, critic):
     with torch.no_grad():
         for k in range(0, len(samples), cfg.microbatch):
             mb = samples[k:k + cfg.microbatch]
-            old, rf, vals = (response_logprobs(policy, mb, tok.pad_token_id),
-                             response_logprobs(ref, mb, tok.pad_token_id), critic_values(critic, mb, tok.pad_token_id))
+            old, rf, vals = (response_logprobs(policy, mb, tok.pad_token_id).cpu(),
+                             response_logprobs(ref, mb, tok.pad_token_id).cpu(),
+                             critic_values(critic, mb, tok.pad_token_id))
             for i, s in enumerate(mb):
                 n = len(s["response"])
                 s.update(old_logp=old[i, :n], ref_logp=rf[i, :n], values=vals[i])
@@ -360,8 +381,7 @@ def actor_loss(cfg, policy, mb, pad_id):
     """PPO dual-clip objective + entropy bonus + k3 KL to the reference, token-mean over the loss mask."""
     logp, ent = response_logprobs(policy, mb, pad_id, with_entropy=True)
     R = logp.shape[1]
-    pad = lambda key, dtype=torch.float32: torch.stack([F.pad(s[key].to(dtype), (0, R - len(s[key])))  # noqa: E731
-                                                        for s in mb])
+    pad = lambda key: torch.stack([F.pad(s[key].float(), (0, R - len(s[key]))) for s in mb]).to(logp.device)  # noqa: E731
     adv, old, ref, m = pad("adv"), pad("old_logp"), pad("ref_logp"), pad("loss_mask")
     ratio = torch.exp(logp - old)
     # PPO clip, both sides; dual clip bounds the loss at c·|A| for negative advantages (§9)
@@ -460,8 +480,9 @@ def main(argv=None):
     ckpt = os.path.join(cfg.run, "checkpoint")
     init_path = init_model_path(cfg)
     resume = cfg.resume and os.path.isdir(ckpt)
+    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     tok, policy, ref, critic = load_models(cfg.checkpoint or (os.path.join(ckpt, "policy") if resume else init_path),
-                                           init_path)
+                                           init_path, device, cfg.grad_checkpointing)
     if cfg.eval_only:
         for split in ("valid_seen", "valid_unseen") if cfg.env == "alfworld" else ("test",):
             print(split, json.dumps(evaluate(cfg, policy, tok, split)))

@@ -19,10 +19,10 @@ for split in ('train', 'valid_seen', 'valid_unseen'):
     exec python hiper.py --tiny --data_dir "$data" --run runs/demo --iters 10 --n_envs 8 --max_turns 8 \
       --max_new_tokens 48 --minibatch 32 --microbatch 8 --eval_every 5 --actor_lr 1e-4 --critic_lr 1e-4 "$@" ;;
   alfworld)
-    exec python hiper.py --env alfworld --model "$MODEL" --run runs/alfworld --kappa -0.3 \
+    exec python hiper.py --env alfworld --model "$MODEL" --run runs/alfworld --kappa -0.3 --grad_checkpointing true \
       --bootstrap_truncated true "$@" ;;
   webshop)
-    exec python hiper.py --env webshop --model "$MODEL" --run runs/webshop --kappa -3.5 \
+    exec python hiper.py --env webshop --model "$MODEL" --run runs/webshop --kappa -3.5 --grad_checkpointing true \
       --bootstrap_truncated false --eval_split test "$@" ;;
   *) echo "usage: bash train.sh [demo|alfworld|webshop] [--field value ...]" >&2; exit 2 ;;
 esac
