@@ -209,6 +209,59 @@ class ALFWorldEnv:
                     gamefile=self.game_file)
 
 
+def _stage_subgoal(action):
+    """The subgoal of a walkthrough stage that ends with `action` (numbers dropped: the agent names the
+    object class before it has seen the instance)."""
+    name = lambda s: re.sub(r" \d+$", "", s.strip())  # noqa: E731  "apple 1" → "apple"
+    verb, _, rest = action.partition(" ")
+    if verb == "take":
+        return f"find and take the {name(rest.split(' from ')[0])}"
+    if verb in ("clean", "heat", "cool"):
+        obj, _, tool = rest.partition(" with ")
+        return f"{verb} the {name(obj)} with the {name(tool)}"
+    if verb == "use":
+        return f"turn on the {name(rest)}"
+    obj, _, recep = rest.partition(" to ")  # move X to Y
+    return f"put the {name(obj)} in the {name(recep)}"
+
+
+STAGE_END = ("take", "clean", "heat", "cool", "use", "move")  # the verbs that end a walkthrough stage
+
+
+def plan_execute_demos(data_dir, split="train", history=2, max_steps=50):
+    """Warm-start data for the CPU demo: every game's PDDL-planner walkthrough, written as plan-execute turns.
+    The walkthrough is cut into stages, each ending at its first take/clean/heat/cool/use/move action; every
+    turn of a stage carries that stage's subgoal, SWITCH on its first turn and KEEP after. Returns one list of
+    (prompt, response) pairs per game, the prompts exactly as a rollout renders them."""
+    env = ALFWorldEnv(split, data_dir=data_dir, expert=True, max_steps=max_steps)
+    demos = []
+    for g in range(len(env.game_files)):
+        obs, info = env.reset(g)
+        steps, won = [], False
+        while not won and len(steps) < max_steps and info["expert_action"]:
+            steps.append((obs, info, info["expert_action"]))
+            obs, _, won, _, info = env.step(info["expert_action"])
+        if not won:
+            continue
+        subgoals, stage = [None] * len(steps), []
+        for t, (_, _, action) in enumerate(steps):
+            stage.append(t)
+            if action.split(" ")[0] in STAGE_END or t == len(steps) - 1:
+                for k in stage:
+                    subgoals[k] = _stage_subgoal(action)
+                stage = []
+        pairs, past, current = [], [], "None"
+        for t, (obs, info, action) in enumerate(steps):
+            prompt = alfworld_prompt(info["task"], obs, past[-history:] if history else [], t, current,
+                                     info["admissible_actions"])
+            switch = "SWITCH" if t == 0 or subgoals[t] != subgoals[t - 1] else "KEEP"
+            pairs.append((prompt, f"<switch>{switch}</switch><subgoal>{subgoals[t]}</subgoal><action>{action}</action>"))
+            past.append((obs, action))
+            current = subgoals[t]
+        demos.append(pairs)
+    return demos
+
+
 # ---- offline ALFWorld games ----
 
 _ROOMS = {"Kitchen": range(1, 31), "LivingRoom": range(201, 231), "Bedroom": range(301, 331),

@@ -33,13 +33,16 @@ class Config:
     run: str = "runs/hiper"  # output folder: config.json, metrics.jsonl, checkpoints
     seed: int = 6  # env seed; validation envs use seed + 1000 (§9)
     iters: int = 150  # training iterations (§9)
+    sft_epochs: int = 0  # CPU demo: supervised warm start on planner walkthroughs before RL (0 = none)
+    sft_lr: float = 1e-3  # warm-start learning rate
     n_envs: int = 128  # rollout batch: environments per iteration (§9)
     env_workers: int = 2  # processes stepping the environments
     max_turns: int = 50  # episode cap (§9)
     history: int = 2  # (observation, action) pairs in the prompt (§9)
     max_new_tokens: int = 512  # max response length (§9)
     temperature: float = 1.0  # train sampling temperature (§9)
-    adv: str = "hae"  # hae | gae (flat turn-level GAE, one segment per episode)
+    adv: str = "hae"  # hae | gae (flat turn-level GAE, one segment per episode) | grpo (group-relative, no critic)
+    group_size: int = 8  # grpo: episodes per game in a group (128 envs = 16 groups × 8, §9)
     gamma: float = 1.0  # γ (§5)
     lam: float = 1.0  # λ_turn, low-level GAE inside a segment (§5)
     lam_seg: float = 0.95  # λ_seg, high-level GAE over segments (§5)
@@ -64,7 +67,6 @@ class Config:
     ppo_epochs: int = 1  # (§9)
     eval_every: int = 5  # validate every k iterations and before training (§9)
     eval_temperature: float = 0.4  # (§9)
-    eval_split: str = "valid_seen"  # in-distribution validation (§11)
     save_every: int = 5  # checkpoint every k iterations
     resume: bool = False  # continue from <run>/checkpoint
     eval_only: bool = False  # evaluate `checkpoint` (or the initial model) on the validation splits and exit
@@ -80,7 +82,12 @@ def parse_config(argv=None):
                            default=f.default)
         else:
             p.add_argument(*names, type=f.type, default=f.default)
-    return Config(**vars(p.parse_args(argv)))
+    cfg = Config(**vars(p.parse_args(argv)))
+    if cfg.adv not in ("hae", "gae", "grpo"):
+        p.error(f"--adv {cfg.adv}: expected hae, gae or grpo")
+    if cfg.adv == "grpo" and (cfg.env != "alfworld" or cfg.n_envs % cfg.group_size):
+        p.error("--adv grpo needs --env alfworld (groups replay one game) and n_envs divisible by group_size")
+    return cfg
 
 
 # ---- policy and 3-head critic ----
@@ -115,8 +122,8 @@ def build_tiny(path, texts, seed=0):
     tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
                          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
     torch.manual_seed(seed)
-    cfg = Qwen2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=4096,
+    cfg = Qwen2Config(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=4096,
                       tie_word_embeddings=True, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     Qwen2ForCausalLM(cfg).save_pretrained(path)
     tok.save_pretrained(path)
@@ -176,11 +183,14 @@ def v_low_index(spans, text):
 
 # ---- rollout ----
 
+def chat(tok, prompt):
+    """A turn's prompt as one user message in the model's chat template, generation prompt appended (§10)."""
+    return tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+
+
 def generate(policy, tok, prompts, max_new_tokens, temperature, max_prompt=2048):
     """HF generate on a batch of chat prompts; returns (prompt ids, response ids) lists without padding."""
-    texts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-             for p in prompts]
-    enc = tok(texts, return_tensors="pt", padding=True)
+    enc = tok([chat(tok, p) for p in prompts], return_tensors="pt", padding=True)
     longest = enc.attention_mask.sum(1).max().item()
     if longest > max_prompt:  # the official scripts stop here too (§9); raise --max_prompt or shorten --history
         raise ValueError(f"prompt of {longest} tokens exceeds max_prompt={max_prompt}")
@@ -297,7 +307,8 @@ def critic_values(critic, samples, pad_id):
 
 
 def prepare(cfg, trajs, tok, policy, ref, critic):
-    """Flatten trajectories into turn samples with masks, old/ref log-probs, values, HAE advantages."""
+    """Flatten trajectories into turn samples with masks, old/ref log-probs, values and advantages: HAE (§5),
+    or a flat baseline (--adv gae | grpo)."""
     samples = []
     for b, traj in enumerate(trajs):
         spans_sub = []
@@ -314,10 +325,18 @@ def prepare(cfg, trajs, tok, policy, ref, critic):
             mb = samples[k:k + cfg.microbatch]
             old, rf, vals = (response_logprobs(policy, mb, tok.pad_token_id).cpu(),
                              response_logprobs(ref, mb, tok.pad_token_id).cpu(),
-                             critic_values(critic, mb, tok.pad_token_id))
+                             critic_values(critic, mb, tok.pad_token_id) if cfg.adv != "grpo" else torch.zeros(len(mb), 3))
             for i, s in enumerate(mb):
                 n = len(s["response"])
                 s.update(old_logp=old[i, :n], ref_logp=rf[i, :n], values=vals[i])
+    if cfg.adv == "grpo":  # episode return, normalised within its group of episodes on the same game; no critic
+        ret = torch.tensor([sum(turn["reward"] for turn in tr) for tr in trajs]).view(-1, cfg.group_size)
+        a_ep = ((ret - ret.mean(1, keepdim=True)) / (ret.std(1, keepdim=True) + 1e-6)).flatten()
+        for s in samples:
+            m = s["masks"]
+            s["loss_mask"] = torch.tensor([any(x) for x in zip(m["action"], m["subgoal"], m["switch"])])
+            s["adv"] = a_ep[s["b"]] * s["loss_mask"]
+        return samples
     B, T = len(trajs), max(len(tr) for tr in trajs)
     z = lambda dtype=torch.float32: torch.zeros(B, T, dtype=dtype)  # noqa: E731
     r, v_low, v_high, v_term = z(), z(), z(), z()
@@ -417,17 +436,79 @@ def update(cfg, model, opt, samples, loss_fn, pad_id, rng):
     return torch.stack(stats).mean(0)
 
 
+def warm_start(cfg, policy, tok, demos):
+    """CPU demo: supervised fine-tuning on plan-execute walkthroughs (envs.plan_execute_demos), maximising
+    log π(response | prompt) token-mean, `cfg.sft_epochs` passes in micro-batches."""
+    samples = [dict(prompt=tok(chat(tok, p)).input_ids, response=tok(r).input_ids + [tok.eos_token_id])
+               for game in demos for p, r in game]
+    opt = torch.optim.AdamW(policy.parameters(), lr=cfg.sft_lr, weight_decay=cfg.weight_decay)
+    rng = random.Random(cfg.seed)
+    policy.train()
+    bar = tqdm(range(cfg.sft_epochs), desc="warm start")
+    for _ in bar:
+        rng.shuffle(samples)
+        for k in range(0, len(samples), cfg.microbatch):
+            mb = samples[k:k + cfg.microbatch]
+            logp = response_logprobs(policy, mb, tok.pad_token_id)
+            m = torch.stack([torch.arange(logp.shape[1], device=logp.device) < len(s["response"]) for s in mb])
+            loss = -(logp * m).sum() / m.sum()
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
+            opt.step()
+        bar.set_postfix(nll=f"{loss.item():.3f}")
+
+
 # ---- evaluation ----
 
 def evaluate(cfg, policy, tok, split):
-    """Every game of the split exactly once at the validation temperature; success overall and per type."""
+    """Every game of the split exactly once at the validation temperature; success overall and per type.
+    `success_128` re-scores the same episodes as the official protocol draws them, 128 games with repeats
+    (seeded), so it is comparable to the paper's protocol but not a separate run."""
     n = len(envs.alfworld_game_files(cfg.data_dir, split)) if cfg.env == "alfworld" else envs.WEBSHOP_N_EVAL_GOALS
     pool = envs.EnvPool(cfg.env, n, min(cfg.env_workers, n), seed=cfg.seed + 1000, **env_options(cfg, split))
     try:
         trajs = rollout(cfg, policy, tok, pool, cfg.eval_temperature, games=list(range(n)))
     finally:
         pool.close()
-    return success_by_type(trajs)
+    draw = random.Random(cfg.seed + 1000).choices(range(n), k=128)
+    return dict(success_by_type(trajs), success_128=sum(trajs[i][-1]["won"] for i in draw) / 128)
+
+
+def validate(cfg, policy, tok, updates):
+    """Success overall and per task type on each validation split (§11) after `updates` iterations."""
+    line = dict(updates=updates)
+    for split in ("valid_seen", "valid_unseen") if cfg.env == "alfworld" else ("test",):
+        line.update({f"{split}/{k}": v for k, v in evaluate(cfg, policy, tok, split).items()})
+    return line
+
+
+def log(cfg, line):
+    with open(os.path.join(cfg.run, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps(line) + "\n")
+
+
+def report(run):
+    """Print validation success per task type, first vs last evaluation, and plot the learning curves to
+    <run>/curve.png (training success per iteration, validation success per evaluation)."""
+    lines = [json.loads(x) for x in open(os.path.join(run, "metrics.jsonl"))]
+    evals, train = [x for x in lines if "updates" in x], [x for x in lines if "iteration" in x]
+    first, last = evals[0], evals[-1]
+    print(f"\n{'validation success':<44} {'after ' + str(first['updates']):>10} {'after ' + str(last['updates']):>10}")
+    for key in sorted(k for k in first if k != "updates"):
+        print(f"{key:<44} {first[key]:>10.2f} {last.get(key, float('nan')):>10.2f}")
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([x["iteration"] for x in train], [x["success"] for x in train], ".-", alpha=0.5, label="train episodes")
+    for split in sorted({k.split("/")[0] for k in first if k.endswith("/success")}):
+        ax.plot([x["updates"] for x in evals], [x[f"{split}/success"] for x in evals], "o-", label=split)
+    ax.set(xlabel="iteration", ylabel="success rate", ylim=(-0.02, 1.02), title=os.path.basename(os.path.normpath(run)))
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(run, "curve.png"), dpi=120)
+    print(f"learning curve: {os.path.join(run, 'curve.png')}")
 
 
 def success_by_type(trajs):
@@ -447,15 +528,24 @@ def env_options(cfg, split):
 # ---- main ----
 
 def init_model_path(cfg):
-    """The initial checkpoint: `cfg.model`, or with --tiny a tiny model built once under the run folder."""
-    if not cfg.tiny:
-        return cfg.model
-    path = os.path.join(cfg.run, "tiny-init")
-    if not os.path.isdir(path):
-        files = envs.alfworld_game_files(cfg.data_dir, "train")
-        texts = [json.load(open(f))["grammar"] for f in files] + [envs.FORMAT_RULES, envs.SUBGOAL_RULES]
-        build_tiny(path, texts, cfg.seed)
-    return path
+    """The initial checkpoint: `cfg.model`, or with --tiny a tiny model built once under the run folder; with
+    --sft_epochs, that model after the supervised warm start, also built once (so --resume reuses it)."""
+    path, warm = cfg.model, os.path.join(cfg.run, "warm-start")
+    build_warm = cfg.sft_epochs and not os.path.isdir(warm)
+    demos = envs.plan_execute_demos(cfg.data_dir, "train", cfg.history, cfg.max_turns) if build_warm else []
+    if cfg.tiny:
+        path = os.path.join(cfg.run, "tiny-init")
+        if not os.path.isdir(path):
+            files = envs.alfworld_game_files(cfg.data_dir, "train")
+            texts = [json.load(open(f))["grammar"] for f in files] + [envs.FORMAT_RULES, envs.SUBGOAL_RULES]
+            build_tiny(path, texts + [p + r for game in demos for p, r in game], cfg.seed)
+    if build_warm:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        tok, policy = AutoTokenizer.from_pretrained(path), AutoModelForCausalLM.from_pretrained(path)
+        warm_start(cfg, policy, tok, demos)
+        policy.save_pretrained(warm)
+        tok.save_pretrained(warm)
+    return warm if cfg.sft_epochs else path
 
 
 def peak_memory_gb():
@@ -484,8 +574,7 @@ def main(argv=None):
     tok, policy, ref, critic = load_models(cfg.checkpoint or (os.path.join(ckpt, "policy") if resume else init_path),
                                            init_path, device, cfg.grad_checkpointing)
     if cfg.eval_only:
-        for split in ("valid_seen", "valid_unseen") if cfg.env == "alfworld" else ("test",):
-            print(split, json.dumps(evaluate(cfg, policy, tok, split)))
+        print(json.dumps(validate(cfg, policy, tok, 0), indent=1))
         return
     actor_opt = torch.optim.AdamW(policy.parameters(), lr=cfg.actor_lr, weight_decay=cfg.weight_decay)
     critic_opt = torch.optim.AdamW(critic.parameters(), lr=cfg.critic_lr, weight_decay=cfg.weight_decay)
@@ -505,17 +594,19 @@ def main(argv=None):
     pool = envs.EnvPool(cfg.env, cfg.n_envs, cfg.env_workers, seed=cfg.seed, **env_options(cfg, "train"))
     try:
         for it in tqdm(range(start, cfg.iters), desc="iterations", initial=start, total=cfg.iters):
-            metrics = dict(iteration=it + 1)
             if cfg.eval_every and it % cfg.eval_every == 0:  # before training and every k iterations (§9)
-                metrics.update({f"{cfg.eval_split}/{k}": v
-                                for k, v in evaluate(cfg, policy, tok, cfg.eval_split).items()})
+                log(cfg, validate(cfg, policy, tok, it))
+            metrics = dict(iteration=it + 1)
             t0 = time.time()
             # the trainer's own RNG picks the training games, so --resume replays the same stream
-            games = [rng.randrange(n_games) for _ in range(cfg.n_envs)] if n_games else None
+            groups = cfg.group_size if cfg.adv == "grpo" else 1  # grpo: each game played by a group of envs
+            games = [g for g in (rng.randrange(n_games) for _ in range(cfg.n_envs // groups)) for _ in range(groups)] \
+                if n_games else None
             trajs = rollout(cfg, policy, tok, pool, cfg.temperature, games)
             t_roll = time.time() - t0
             samples = prepare(cfg, trajs, tok, policy, ref, critic)
-            c_stats = update(cfg, critic, critic_opt, samples, critic_loss, tok.pad_token_id, rng)
+            c_stats = update(cfg, critic, critic_opt, samples, critic_loss, tok.pad_token_id, rng) \
+                if cfg.adv != "grpo" else torch.full((3,), float("nan"))
             a_stats = update(cfg, policy, actor_opt, samples, actor_loss, tok.pad_token_id, rng)
             turns = [t for tr in trajs for t in tr]
             seg = sum(t["boundary"] for t in turns)
@@ -530,10 +621,12 @@ def main(argv=None):
                            rollout_s=t_roll, update_s=time.time() - t0 - t_roll,
                            tokens_per_s=sum(len(t["response"]) for t in turns) / t_roll,
                            env_steps_per_s=len(turns) / t_roll, peak_memory_gb=peak_memory_gb())
-            with open(os.path.join(cfg.run, "metrics.jsonl"), "a") as f:
-                f.write(json.dumps(metrics) + "\n")
+            log(cfg, metrics)
             if (it + 1) % cfg.save_every == 0 or it + 1 == cfg.iters:
                 save_checkpoint(cfg, ckpt, it + 1, tok, policy, critic, actor_opt, critic_opt, rng)
+        if cfg.eval_every and start < cfg.iters:  # the trained policy, then the before/after table and curve
+            log(cfg, validate(cfg, policy, tok, cfg.iters))
+            report(cfg.run)
     finally:
         pool.close()
 

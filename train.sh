@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Presets for hiper.py. Extra arguments pass through to hiper.py (--name value overrides any field).
-#   bash train.sh            offline CPU demo: generated ALFWorld games + a tiny model built locally
+#   bash train.sh            offline CPU demo: generated ALFWorld games, a tiny model built locally, a supervised
+#                            warm start on planner walkthroughs, then HiPER; prints before/after, writes runs/demo/
+#   bash train.sh compare    CPU: HiPER vs flat PPO-GAE vs GRPO from one warm start, 3 seeds → results/
 #   bash train.sh alfworld   paper settings, ALFWorld (κ = −0.3, bootstrap_truncated on); MODEL=... for 7B
 #   bash train.sh webshop    paper settings, WebShop (κ = −3.5, bootstrap_truncated off); needs WEBSHOP_PATH
 set -euo pipefail
@@ -8,21 +10,38 @@ cd "$(dirname "$0")"
 preset=${1:-demo}
 [ $# -gt 0 ] && shift
 MODEL=${MODEL:-Qwen/Qwen2.5-1.5B-Instruct}
+DATA=data/alfworld
+# the CPU demo's settings: small rooms, short episodes, a 0.7M-parameter model, actor/critic lr for its size
+DEMO=(--data_dir "$DATA" --history 1 --max_turns 20 --max_new_tokens 40 --n_envs 16 --minibatch 64
+      --microbatch 16 --actor_lr 1e-4 --critic_lr 1e-4 --save_every 5)
+SFT=(--sft_epochs 15 --sft_lr 3e-3)
+
+games() {  # generated ALFWorld games: 20 per task type to train on, 5 per type in each held-out split
+  [ -d "$DATA/json_2.1.1/valid_unseen" ] || python -c "import envs
+for split, n in (('train', 20), ('valid_seen', 5), ('valid_unseen', 5)):
+    envs.generate_alfworld_games('$DATA', n, seed=0, split=split, max_receptacles=8, n_distractors=3)"
+}
+
 case "$preset" in
   demo)
-    data=data/alfworld
-    if [ ! -d "$data/json_2.1.1/train" ]; then
-      python -c "import envs
-for split in ('train', 'valid_seen', 'valid_unseen'):
-    envs.generate_alfworld_games('$data', 4 if split == 'train' else 2, seed=0, split=split, max_receptacles=8, n_distractors=3)"
-    fi
-    exec python hiper.py --tiny --data_dir "$data" --run runs/demo --iters 10 --n_envs 8 --max_turns 8 \
-      --max_new_tokens 48 --minibatch 32 --microbatch 8 --eval_every 5 --actor_lr 1e-4 --critic_lr 1e-4 "$@" ;;
+    games
+    exec python hiper.py --tiny "${DEMO[@]}" "${SFT[@]}" --run runs/demo --iters 10 --eval_every 5 "$@" ;;
+  compare)
+    games
+    root=runs/compare
+    python hiper.py --tiny "${DEMO[@]}" "${SFT[@]}" --run $root/warm --iters 0
+    for seed in 1 2 3; do
+      for adv in hae gae grpo; do
+        [ -f $root/$adv-s$seed/curve.png ] || python hiper.py "${DEMO[@]}" --model $root/warm/warm-start \
+          --run $root/$adv-s$seed --adv $adv --seed $seed --iters 10 --eval_every 5 "$@"
+      done
+    done
+    python compare.py $root results ;;
   alfworld)
     exec python hiper.py --env alfworld --model "$MODEL" --run runs/alfworld --kappa -0.3 --grad_checkpointing true \
       --bootstrap_truncated true "$@" ;;
   webshop)
     exec python hiper.py --env webshop --model "$MODEL" --run runs/webshop --kappa -3.5 --grad_checkpointing true \
-      --bootstrap_truncated false --eval_split test "$@" ;;
-  *) echo "usage: bash train.sh [demo|alfworld|webshop] [--field value ...]" >&2; exit 2 ;;
+      --bootstrap_truncated false "$@" ;;
+  *) echo "usage: bash train.sh [demo|compare|alfworld|webshop] [--field value ...]" >&2; exit 2 ;;
 esac

@@ -156,3 +156,34 @@ def test_webshop_missing_checkout_explains_setup(monkeypatch, tmp_path):
     monkeypatch.setenv("WEBSHOP_PATH", str(tmp_path))
     with pytest.raises(FileNotFoundError, match="WEBSHOP_PATH.*setup.sh"):
         envs.make("webshop")
+
+
+@pytest.mark.parametrize("action, subgoal", [
+    ("take apple 1 from countertop 2", "find and take the apple"),
+    ("clean butterknife 1 with sinkbasin 1", "clean the butterknife with the sinkbasin"),
+    ("heat bread 1 with microwave 1", "heat the bread with the microwave"),
+    ("cool bread 1 with fridge 1", "cool the bread with the fridge"),
+    ("use desklamp 1", "turn on the desklamp"),
+    ("move cellphone 2 to shelf 1", "put the cellphone in the shelf"),
+])
+def test_stage_subgoals(action, subgoal):
+    assert envs._stage_subgoal(action) == subgoal
+
+
+def test_plan_execute_demos_replay_and_follow_the_format(alf_data):
+    """Every demo's actions, sent to the real engine, win the game; every response parses valid; SWITCH
+    exactly where the stage subgoal changes, KEEP copies it; prompts show the previous turn's subgoal."""
+    demos = envs.plan_execute_demos(alf_data, "train")
+    assert len(demos) == 6
+    env = envs.ALFWorldEnv("train", data_dir=alf_data)
+    for g, pairs in enumerate(demos):
+        env.reset(g)
+        parsed = [envs.parse_response(r) for _, r in pairs]
+        assert all(valid for *_, valid in parsed)
+        for t, ((switch, subgoal, action, _), (prompt, _)) in enumerate(zip(parsed, pairs)):
+            previous = parsed[t - 1][1] if t else "None"
+            assert f"Your current subgoal is: {previous}\n" in prompt
+            assert (switch == "SWITCH") == (t == 0 or subgoal != previous)
+            assert action in prompt  # admissible, listed in the prompt
+            *_, info = env.step(action)
+        assert info["won"] and parsed[-1][2].split()[0] in envs.STAGE_END

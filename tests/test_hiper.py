@@ -219,3 +219,41 @@ def test_token_advantages_follow_the_levels(tiny, adv):
     ref_out = hae(r, v[..., 0], v_high, boundary, done)
     ret = torch.stack([s["returns"] for s in samples])
     torch.testing.assert_close(ret[:, 0], ref_out.ret_low[0])
+
+
+def test_grpo_advantage_is_the_group_normalised_episode_return(tiny):
+    """Two groups of two episodes: each episode's advantage is (R − mean of its group) / (std + 1e-6) on
+    every block of every turn, with the std unbiased; worked by hand for returns (10.0, −0.1) and (0, 0)."""
+    path, _ = tiny
+    tok, policy, ref, critic = hiper.load_models(path, path)
+    p = tok.apply_chat_template([{"role": "user", "content": "task"}], add_generation_prompt=True)
+    p = list(p["input_ids"] if hasattr(p, "keys") else p)
+    def traj(won, valid=True):
+        return [dict(prompt=p, response=tok(OK, add_special_tokens=False).input_ids, text=OK, valid=valid, won=won,
+                     done=won, boundary=True, task_type="t")]
+    cfg = hiper.Config(adv="grpo", group_size=2, microbatch=4)
+    samples = hiper.prepare(cfg, [traj(True), traj(False, valid=False), traj(False), traj(False)], tok, policy, ref,
+                            critic)
+    spread = (10.0 + 0.1) / 2 ** 0.5  # unbiased std of two values is |a − b| / √2
+    expected = [(10.0 - 4.95) / spread, (-0.1 - 4.95) / spread, 0.0, 0.0]
+    for s, e in zip(samples, expected):
+        assert s["loss_mask"].any()
+        torch.testing.assert_close(s["adv"][s["loss_mask"]], torch.full((int(s["loss_mask"].sum()),), e), rtol=1e-4,
+                                   atol=1e-5)
+        assert not s["adv"][~s["loss_mask"]].any()
+
+
+def test_warm_start_imitates_the_demonstrations(tmp_path):
+    """Supervised warm start on two plan-execute turns: greedy generation then reproduces each response."""
+    demos = [[("Task: find a mug. Actions: ['go to cabinet 1', 'go to desk 1']",
+               "<switch>SWITCH</switch><subgoal>find and take the mug</subgoal><action>go to desk 1</action>"),
+              ("Task: find a mug. You see a mug 2. Actions: ['take mug 2 from desk 1', 'go to cabinet 1']",
+               "<switch>KEEP</switch><subgoal>find and take the mug</subgoal><action>take mug 2 from desk 1</action>")]]
+    path = str(tmp_path / "tiny")
+    hiper.build_tiny(path, [p + r for p, r in demos[0]] * 5)
+    tok, policy, _, _ = hiper.load_models(path, path)
+    prompts = [p for p, _ in demos[0]]
+    before = [tok.decode(r, skip_special_tokens=True) for _, r in hiper.generate(policy, tok, prompts, 40, 0.0)]
+    hiper.warm_start(hiper.Config(sft_epochs=60, sft_lr=3e-3, microbatch=2), policy, tok, demos)
+    after = [tok.decode(r, skip_special_tokens=True) for _, r in hiper.generate(policy, tok, prompts, 40, 0.0)]
+    assert after == [r for _, r in demos[0]] and before != after

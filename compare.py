@@ -1,0 +1,79 @@
+"""Summarise `bash train.sh compare`: HiPER vs flat PPO-GAE vs GRPO, one run folder per (method, seed).
+
+    python compare.py runs/compare results      # writes results/compare.csv and results/compare.png
+
+Per run: held-out success after training (valid_seen, valid_unseen), invalid-action rate and mean segment
+length over the run's training iterations. The table gives mean ± std over seeds.
+"""
+import csv
+import glob
+import json
+import os
+import statistics
+import sys
+
+METHODS = {"hae": "HiPER (HAE)", "gae": "PPO, flat GAE", "grpo": "GRPO"}
+
+
+def read(run):
+    lines = [json.loads(x) for x in open(os.path.join(run, "metrics.jsonl"))]
+    return [x for x in lines if "updates" in x], [x for x in lines if "iteration" in x]
+
+
+def main(root, out):
+    rows = []
+    for run in sorted(glob.glob(os.path.join(root, "*-s*"))):
+        method, seed = os.path.basename(run).rsplit("-s", 1)
+        evals, train = read(run)
+        n_envs = json.load(open(os.path.join(run, "config.json")))["n_envs"]
+        rows.append(dict(method=method, seed=int(seed), iterations=len(train),
+                         env_steps=round(n_envs * sum(x["episode_length"] for x in train)),
+                         valid_seen=evals[-1]["valid_seen/success"], valid_unseen=evals[-1]["valid_unseen/success"],
+                         warm_seen=evals[0]["valid_seen/success"], warm_unseen=evals[0]["valid_unseen/success"],
+                         invalid_rate=statistics.mean(x["invalid_rate"] for x in train),
+                         segment_length=statistics.mean(x["mean_segment_length"] for x in train)))
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "compare.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    ms = lambda xs: f"{statistics.mean(xs):.2f} ± {statistics.stdev(xs) if len(xs) > 1 else 0:.2f}"  # noqa: E731
+    print("| method | seeds | env steps | valid_seen | valid_unseen | invalid rate | segment length |")
+    print("|---|---|---|---|---|---|---|")
+    for m, name in METHODS.items():
+        rs = [r for r in rows if r["method"] == m]
+        if rs:
+            print(f"| {name} | {len(rs)} | {statistics.mean(r['env_steps'] for r in rs):.0f} | "
+                  f"{ms([r['valid_seen'] for r in rs])} | {ms([r['valid_unseen'] for r in rs])} | "
+                  f"{ms([r['invalid_rate'] for r in rs])} | {ms([r['segment_length'] for r in rs])} |")
+    warm = [r["warm_unseen"] for r in rows]
+    print(f"warm start (before RL), valid_unseen: {ms(warm)}; valid_seen: {ms([r['warm_seen'] for r in rows])}")
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5), sharey=True)
+    for m, name in METHODS.items():
+        runs = sorted(glob.glob(os.path.join(root, f"{m}-s*")))
+        if not runs:
+            continue
+        curves = [read(r) for r in runs]
+        xs = [x["iteration"] for x in curves[0][1]]
+        train = [statistics.mean(c[1][i]["success"] for c in curves) for i in range(len(xs))]
+        axes[0].plot(xs, train, ".-", label=name)
+        ux = [e["updates"] for e in curves[0][0]]
+        held = [[(c[0][i]["valid_seen/success"] + c[0][i]["valid_unseen/success"]) / 2 for c in curves]
+                for i in range(len(ux))]
+        mean = [statistics.mean(h) for h in held]
+        sd = [statistics.stdev(h) if len(h) > 1 else 0 for h in held]
+        axes[1].plot(ux, mean, "o-", label=name)
+        axes[1].fill_between(ux, [a - b for a, b in zip(mean, sd)], [a + b for a, b in zip(mean, sd)], alpha=0.2)
+    axes[0].set(xlabel="iteration", ylabel="success rate", title="training episodes (mean over seeds)")
+    axes[1].set(xlabel="iteration", title="held-out games (valid_seen + valid_unseen)")
+    axes[1].legend()
+    fig.suptitle("Generated ALFWorld games, tiny model: not the paper's benchmark", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "compare.png"), dpi=120)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:3])
