@@ -34,7 +34,8 @@ class Config:
     seed: int = 6  # env seed; validation envs use seed + 1000 (§9)
     iters: int = 150  # training iterations (§9)
     sft_epochs: int = 0  # CPU demo: supervised warm start on planner walkthroughs before RL (0 = none)
-    sft_lr: float = 1e-3  # warm-start learning rate
+    sft_lr: float = 2e-3  # warm-start learning rate
+    sft_batch: int = 4  # warm-start turns per optimizer step
     n_envs: int = 128  # rollout batch: environments per iteration (§9)
     env_workers: int = 2  # processes stepping the environments
     max_turns: int = 50  # episode cap (§9)
@@ -438,7 +439,7 @@ def update(cfg, model, opt, samples, loss_fn, pad_id, rng):
 
 def warm_start(cfg, policy, tok, demos):
     """CPU demo: supervised fine-tuning on plan-execute walkthroughs (envs.plan_execute_demos), maximising
-    log π(response | prompt) token-mean, `cfg.sft_epochs` passes in micro-batches."""
+    log π(response | prompt) token-mean, `cfg.sft_epochs` passes in batches of `cfg.sft_batch` turns."""
     samples = [dict(prompt=tok(chat(tok, p)).input_ids, response=tok(r).input_ids + [tok.eos_token_id])
                for game in demos for p, r in game]
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.sft_lr, weight_decay=cfg.weight_decay)
@@ -447,8 +448,8 @@ def warm_start(cfg, policy, tok, demos):
     bar = tqdm(range(cfg.sft_epochs), desc="warm start")
     for _ in bar:
         rng.shuffle(samples)
-        for k in range(0, len(samples), cfg.microbatch):
-            mb = samples[k:k + cfg.microbatch]
+        for k in range(0, len(samples), cfg.sft_batch):
+            mb = samples[k:k + cfg.sft_batch]
             logp = response_logprobs(policy, mb, tok.pad_token_id)
             m = torch.stack([torch.arange(logp.shape[1], device=logp.device) < len(s["response"]) for s in mb])
             loss = -(logp * m).sum() / m.sum()
@@ -494,9 +495,9 @@ def report(run):
     lines = [json.loads(x) for x in open(os.path.join(run, "metrics.jsonl"))]
     evals, train = [x for x in lines if "updates" in x], [x for x in lines if "iteration" in x]
     first, last = evals[0], evals[-1]
-    print(f"\n{'validation success':<44} {'after ' + str(first['updates']):>10} {'after ' + str(last['updates']):>10}")
+    print(f"\n{'validation success':<52} {'iteration ' + str(first['updates']):>12} {'iteration ' + str(last['updates']):>12}")
     for key in sorted(k for k in first if k != "updates"):
-        print(f"{key:<44} {first[key]:>10.2f} {last.get(key, float('nan')):>10.2f}")
+        print(f"{key:<52} {first[key]:>12.2f} {last.get(key, float('nan')):>12.2f}")
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

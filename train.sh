@@ -11,15 +11,16 @@ preset=${1:-demo}
 [ $# -gt 0 ] && shift
 MODEL=${MODEL:-Qwen/Qwen2.5-1.5B-Instruct}
 DATA=data/alfworld
-# the CPU demo's settings: small rooms, short episodes, a 0.7M-parameter model, actor/critic lr for its size
+# the CPU demo's settings: short episodes, one history record, a 0.7M-parameter model, lr for its size
 DEMO=(--data_dir "$DATA" --history 1 --max_turns 20 --max_new_tokens 40 --n_envs 16 --minibatch 64
       --microbatch 16 --actor_lr 1e-4 --critic_lr 1e-4 --save_every 5)
-SFT=(--sft_epochs 15 --sft_lr 3e-3)
+SFT=(--sft_epochs 20 --sft_lr 2e-3 --sft_batch 4)
 
-games() {  # generated ALFWorld games: 20 per task type to train on, 5 per type in each held-out split
+games() {  # generated ALFWorld games, small rooms (5 receptacles, no distractors): 20 per task type to train
+           # on, 5 per type in each held-out split
   [ -d "$DATA/json_2.1.1/valid_unseen" ] || python -c "import envs
 for split, n in (('train', 20), ('valid_seen', 5), ('valid_unseen', 5)):
-    envs.generate_alfworld_games('$DATA', n, seed=0, split=split, max_receptacles=8, n_distractors=3)"
+    envs.generate_alfworld_games('$DATA', n, seed=0, split=split, max_receptacles=5, n_distractors=0)"
 }
 
 case "$preset" in

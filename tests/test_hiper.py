@@ -254,6 +254,6 @@ def test_warm_start_imitates_the_demonstrations(tmp_path):
     tok, policy, _, _ = hiper.load_models(path, path)
     prompts = [p for p, _ in demos[0]]
     before = [tok.decode(r, skip_special_tokens=True) for _, r in hiper.generate(policy, tok, prompts, 40, 0.0)]
-    hiper.warm_start(hiper.Config(sft_epochs=60, sft_lr=3e-3, microbatch=2), policy, tok, demos)
+    hiper.warm_start(hiper.Config(sft_epochs=60, sft_lr=3e-3, sft_batch=2), policy, tok, demos)
     after = [tok.decode(r, skip_special_tokens=True) for _, r in hiper.generate(policy, tok, prompts, 40, 0.0)]
     assert after == [r for _, r in demos[0]] and before != after
