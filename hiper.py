@@ -505,7 +505,7 @@ def report(run):
     ax.plot([x["iteration"] for x in train], [x["success"] for x in train], ".-", alpha=0.5, label="train episodes")
     for split in sorted({k.split("/")[0] for k in first if k.endswith("/success")}):
         ax.plot([x["updates"] for x in evals], [x[f"{split}/success"] for x in evals], "o-", label=split)
-    ax.set(xlabel="iteration", ylabel="success rate", ylim=(-0.02, 1.02), title=os.path.basename(os.path.normpath(run)))
+    ax.set(xlabel="iteration", ylabel="success rate", ylim=(-0.02, 1.02), title=os.path.normpath(run))
     ax.legend()
     fig.tight_layout()
     fig.savefig(os.path.join(run, "curve.png"), dpi=120)

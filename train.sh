@@ -34,7 +34,7 @@ case "$preset" in
     for seed in 1 2 3; do
       for adv in hae gae grpo; do
         [ -f $root/$adv-s$seed/curve.png ] || python hiper.py "${DEMO[@]}" --model $root/warm/warm-start \
-          --run $root/$adv-s$seed --adv $adv --seed $seed --iters 10 --eval_every 5 "$@"
+          --run $root/$adv-s$seed --adv $adv --seed $seed --iters 10 --eval_every 10 "$@"
       done
     done
     python compare.py $root results ;;
