@@ -196,8 +196,9 @@ def generate(policy, tok, prompts, max_new_tokens, temperature, max_prompt=2048)
     if longest > max_prompt:  # the official scripts stop here too (§9); raise --max_prompt or shorten --history
         raise ValueError(f"prompt of {longest} tokens exceeds max_prompt={max_prompt}")
     with autocast(policy.device):
-        out = policy.generate(**{k: v.to(policy.device) for k, v in enc.items()}, do_sample=temperature > 0, temperature=temperature or None,
-                              top_p=1.0, top_k=0, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id).cpu()
+        out = policy.generate(**{k: v.to(policy.device) for k, v in enc.items()}, do_sample=temperature > 0,
+                              temperature=temperature or None, top_p=1.0, top_k=0, max_new_tokens=max_new_tokens,
+                              pad_token_id=tok.pad_token_id).cpu()
     res = []
     for i in range(len(prompts)):
         p = enc.input_ids[i][enc.attention_mask[i].bool()].tolist()
@@ -324,9 +325,9 @@ def prepare(cfg, trajs, tok, policy, ref, critic):
     with torch.no_grad():
         for k in range(0, len(samples), cfg.microbatch):
             mb = samples[k:k + cfg.microbatch]
-            old, rf, vals = (response_logprobs(policy, mb, tok.pad_token_id).cpu(),
-                             response_logprobs(ref, mb, tok.pad_token_id).cpu(),
-                             critic_values(critic, mb, tok.pad_token_id) if cfg.adv != "grpo" else torch.zeros(len(mb), 3))
+            old = response_logprobs(policy, mb, tok.pad_token_id).cpu()
+            rf = response_logprobs(ref, mb, tok.pad_token_id).cpu()
+            vals = torch.zeros(len(mb), 3) if cfg.adv == "grpo" else critic_values(critic, mb, tok.pad_token_id)
             for i, s in enumerate(mb):
                 n = len(s["response"])
                 s.update(old_logp=old[i, :n], ref_logp=rf[i, :n], values=vals[i])
@@ -401,7 +402,7 @@ def actor_loss(cfg, policy, mb, pad_id):
     """PPO dual-clip objective + entropy bonus + k3 KL to the reference, token-mean over the loss mask."""
     logp, ent = response_logprobs(policy, mb, pad_id, with_entropy=True)
     R = logp.shape[1]
-    pad = lambda key: torch.stack([F.pad(s[key].float(), (0, R - len(s[key]))) for s in mb]).to(logp.device)  # noqa: E731
+    pad = lambda key: torch.stack([F.pad(s[key].float(), (0, R - len(s[key]))) for s in mb]).to(logp.device)  # noqa
     adv, old, ref, m = pad("adv"), pad("old_logp"), pad("ref_logp"), pad("loss_mask")
     ratio = torch.exp(logp - old)
     # PPO clip, both sides; dual clip bounds the loss at c·|A| for negative advantages (§9)
@@ -495,7 +496,8 @@ def report(run):
     lines = [json.loads(x) for x in open(os.path.join(run, "metrics.jsonl"))]
     evals, train = [x for x in lines if "updates" in x], [x for x in lines if "iteration" in x]
     first, last = evals[0], evals[-1]
-    print(f"\n{'validation success':<52} {'iteration ' + str(first['updates']):>12} {'iteration ' + str(last['updates']):>12}")
+    head = [f"iteration {x['updates']}" for x in (first, last)]
+    print(f"\n{'validation success':<52} {head[0]:>12} {head[1]:>12}")
     for key in sorted(k for k in first if k != "updates"):
         print(f"{key:<52} {first[key]:>12.2f} {last.get(key, float('nan')):>12.2f}")
     import matplotlib
