@@ -15,6 +15,11 @@ import sys
 METHODS = {"hae": "HiPER (HAE)", "gae": "PPO, flat GAE", "grpo": "GRPO"}
 
 
+def finished(pattern):
+    """Run folders that completed (hiper.py writes curve.png after the final validation)."""
+    return sorted(r for r in glob.glob(pattern) if os.path.exists(os.path.join(r, "curve.png")))
+
+
 def read(run):
     lines = [json.loads(x) for x in open(os.path.join(run, "metrics.jsonl"))]
     return [x for x in lines if "updates" in x], [x for x in lines if "iteration" in x]
@@ -22,7 +27,7 @@ def read(run):
 
 def main(root, out):
     rows = []
-    for run in sorted(glob.glob(os.path.join(root, "*-s*"))):
+    for run in finished(os.path.join(root, "*-s*")):
         method, seed = os.path.basename(run).rsplit("-s", 1)
         evals, train = read(run)
         n_envs = json.load(open(os.path.join(run, "config.json")))["n_envs"]
@@ -53,7 +58,7 @@ def main(root, out):
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.5), sharey=True)
     for m, name in METHODS.items():
-        runs = sorted(glob.glob(os.path.join(root, f"{m}-s*")))
+        runs = finished(os.path.join(root, f"{m}-s*"))
         if not runs:
             continue
         curves = [read(r) for r in runs]
