@@ -15,8 +15,8 @@ import torch
 import envs
 import hiper
 
-SHAPES = {  # Qwen2.5-Instruct configs (hidden, intermediate, layers, heads, kv heads, vocab)
-    "tiny": (64, 128, 2, 2, 1, None),
+SHAPES = {  # Qwen2.5-Instruct configs (hidden, intermediate, layers, heads, kv heads, vocab); tiny: hiper.build_tiny
+    "tiny": None,
     "1.5b": (1536, 8960, 28, 12, 2, 151936),
     "7b": (3584, 18944, 28, 28, 4, 152064),
 }
@@ -46,8 +46,8 @@ def main():
     from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
     path = tempfile.mkdtemp()
     hiper.build_tiny(path, [envs.FORMAT_RULES, envs.SUBGOAL_RULES] * 10)  # tokenizer (and a tiny model)
-    hidden, inter, layers, heads, kv, vocab = SHAPES[a.size]
     if a.size != "tiny":
+        hidden, inter, layers, heads, kv, vocab = SHAPES[a.size]
         tok = AutoTokenizer.from_pretrained(path)
         cfg = Qwen2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
                           num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=32768,

@@ -12,6 +12,8 @@ import os
 import statistics
 import sys
 
+from hiper import read_metrics
+
 METHODS = {"hae": "HiPER (HAE)", "gae": "PPO, flat GAE", "grpo": "GRPO"}
 
 
@@ -20,16 +22,11 @@ def finished(pattern):
     return sorted(r for r in glob.glob(pattern) if os.path.exists(os.path.join(r, "curve.png")))
 
 
-def read(run):
-    lines = [json.loads(x) for x in open(os.path.join(run, "metrics.jsonl"))]
-    return [x for x in lines if "updates" in x], [x for x in lines if "iteration" in x]
-
-
 def main(root, out):
     rows = []
     for run in finished(os.path.join(root, "*-s*")):
         method, seed = os.path.basename(run).rsplit("-s", 1)
-        evals, train = read(run)
+        evals, train = read_metrics(run)
         n_envs = json.load(open(os.path.join(run, "config.json")))["n_envs"]
         rows.append(dict(method=method, seed=int(seed), iterations=len(train),
                          env_steps=round(n_envs * sum(x["episode_length"] for x in train)),
@@ -61,7 +58,7 @@ def main(root, out):
         runs = finished(os.path.join(root, f"{m}-s*"))
         if not runs:
             continue
-        curves = [read(r) for r in runs]
+        curves = [read_metrics(r) for r in runs]
         xs = [x["iteration"] for x in curves[0][1]]
         train = [statistics.mean(c[1][i]["success"] for c in curves) for i in range(len(xs))]
         axes[0].plot(xs, train, ".-", label=name)

@@ -301,11 +301,11 @@ def critic_values(critic, samples, pad_id):
     """[N, 3] values: head 0 at the V_low position, heads 1, 2 at response index 0, each read at the
     position before the token (§7)."""
     ids, attn = pad_batch(samples, pad_id, next(critic.parameters()).device)
-    out = critic(ids, attn).cpu()  # [N, L, 3]
-    rows = torch.arange(len(samples))
-    v_low = out[rows, torch.tensor([len(s["prompt"]) - 1 + s["v_low_idx"] for s in samples]), 0]
-    first = torch.tensor([len(s["prompt"]) - 1 for s in samples])
-    return torch.stack([v_low, out[rows, first, 1], out[rows, first, 2]], -1)
+    out = critic(ids, attn)  # [N, L, 3]
+    rows = torch.arange(len(samples), device=ids.device)
+    v_low = out[rows, torch.tensor([len(s["prompt"]) - 1 + s["v_low_idx"] for s in samples], device=ids.device), 0]
+    first = torch.tensor([len(s["prompt"]) - 1 for s in samples], device=ids.device)
+    return torch.stack([v_low, out[rows, first, 1], out[rows, first, 2]], -1).cpu()  # [N, 3]
 
 
 def prepare(cfg, trajs, tok, policy, ref, critic):
@@ -331,12 +331,12 @@ def prepare(cfg, trajs, tok, policy, ref, critic):
             for i, s in enumerate(mb):
                 n = len(s["response"])
                 s.update(old_logp=old[i, :n], ref_logp=rf[i, :n], values=vals[i])
+    every_block = lambda m: torch.tensor([any(x) for x in zip(m["action"], m["subgoal"], m["switch"])])  # noqa: E731
     if cfg.adv == "grpo":  # episode return, normalised within its group of episodes on the same game; no critic
         ret = torch.tensor([sum(turn["reward"] for turn in tr) for tr in trajs]).view(-1, cfg.group_size)
         a_ep = ((ret - ret.mean(1, keepdim=True)) / (ret.std(1, keepdim=True) + 1e-6)).flatten()
         for s in samples:
-            m = s["masks"]
-            s["loss_mask"] = torch.tensor([any(x) for x in zip(m["action"], m["subgoal"], m["switch"])])
+            s["loss_mask"] = every_block(s["masks"])
             s["adv"] = a_ep[s["b"]] * s["loss_mask"]
         return samples
     B, T = len(trajs), max(len(tr) for tr in trajs)
@@ -371,7 +371,7 @@ def prepare(cfg, trajs, tok, policy, ref, critic):
         m = s["masks"]
         first = bool(start[b, t])
         if flat:  # flat PPO: the turn's GAE advantage on all three blocks, only the V_low head trained
-            s["loss_mask"] = torch.tensor([any(x) for x in zip(m["action"], m["subgoal"], m["switch"])])
+            s["loss_mask"] = every_block(m)
             s["adv"] = a_low[b, t] * s["loss_mask"]
             s["value_mask"] = torch.tensor([True, False, False])
         else:  # §5 step 4: A_low on action tokens, A_high on subgoal tokens of boundary turns, A_term on switch
@@ -490,11 +490,16 @@ def log(cfg, line):
         f.write(json.dumps(line) + "\n")
 
 
+def read_metrics(run):
+    """<run>/metrics.jsonl as (validation lines, training lines)."""
+    lines = [json.loads(x) for x in open(os.path.join(run, "metrics.jsonl"))]
+    return [x for x in lines if "updates" in x], [x for x in lines if "iteration" in x]
+
+
 def report(run):
     """Print validation success per task type, first vs last evaluation, and plot the learning curves to
     <run>/curve.png (training success per iteration, validation success per evaluation)."""
-    lines = [json.loads(x) for x in open(os.path.join(run, "metrics.jsonl"))]
-    evals, train = [x for x in lines if "updates" in x], [x for x in lines if "iteration" in x]
+    evals, train = read_metrics(run)
     first, last = evals[0], evals[-1]
     head = [f"iteration {x['updates']}" for x in (first, last)]
     print(f"\n{'validation success':<52} {head[0]:>12} {head[1]:>12}")
