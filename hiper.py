@@ -220,7 +220,8 @@ def rollout(cfg, policy, tok, pool, temperature, games=None):
     for step in range(cfg.max_turns):
         if not active:
             break
-        prompts = [prompt_fn(state[i]["info"]["task"], state[i]["obs"], state[i]["history"][-cfg.history:], step,
+        recent = lambda h: h[-cfg.history:] if cfg.history else []  # noqa: E731  the last k records (§9); k = 0: none
+        prompts = [prompt_fn(state[i]["info"]["task"], state[i]["obs"], recent(state[i]["history"]), step,
                              state[i]["subgoal"], state[i]["info"]["admissible_actions"]) for i in active]
         with torch.no_grad():
             outs = generate(policy, tok, prompts, cfg.max_new_tokens, temperature, cfg.max_prompt)
