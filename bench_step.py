@@ -1,4 +1,4 @@
-"""Benchmark: one HiPER training step at real size — HF generation, `prepare` (old/ref log-probs, values,
+"""Benchmark: one HiPER training step at real size — HF generation, `score` + `advantages` (old/ref log-probs, values,
 HAE), one critic and one actor minibatch update — through hiper.py's own functions, with random weights in
 a Qwen2.5 shape (built from its config: no download) and synthetic prompts of `--prompt` tokens.
 
@@ -84,7 +84,7 @@ def main():
                              boundary=t % 3 == 0, task_type="pick_and_place"))
         trajs.append(traj)
     hc = hiper.Config(microbatch=16, minibatch=a.turns)
-    samples, t_prep = timed(lambda: hiper.prepare(hc, trajs, tok, policy, ref, critic))
+    samples, t_prep = timed(lambda: hiper.advantages(hc, hiper.score(hc, trajs, tok, policy, ref, critic)))
     (_, t_span) = timed(lambda: [hiper.token_spans(tok, s["response"]) for s in samples])
     actor_opt = torch.optim.AdamW(policy.parameters(), lr=hc.actor_lr, weight_decay=hc.weight_decay)
     critic_opt = torch.optim.AdamW(critic.parameters(), lr=hc.critic_lr, weight_decay=hc.weight_decay)
@@ -96,7 +96,7 @@ def main():
           f"{a.prompt}+{a.response} tokens, micro-batch 16")
     print(f"{'phase':<34} {'s':>8} {'tokens/s':>10}")
     for name, t, n in [(f"generate ({a.gen_batch} x {a.gen_tokens} new, HF)", t_gen, gen_tokens),
-                       ("prepare (old+ref logp, values, HAE)", t_prep, 3 * train_tokens),
+                       ("score + advantages (old+ref logp, values, HAE)", t_prep, 3 * train_tokens),
                        ("  of which token_spans (CPU)", t_span, a.turns * a.response),
                        ("critic update (fwd+bwd+AdamW)", t_crit, train_tokens),
                        ("actor update (fwd+bwd+AdamW)", t_act, train_tokens)]:

@@ -22,7 +22,8 @@ one reverse loop over T does the rest. No host syncs, so the same code runs eage
 torch.compile, or inside a CUDA graph.
 
 Usage:
-    adv_low, ret_low, adv_high, ret_high = hae(r, v_low, v_high, boundary, done, mask, (v_low_last, v_high_last_seg))
+    boot = self_bootstrap(v_low, v_high, boundary, mask)  # or None: no bootstrap of truncated rows
+    adv_low, ret_low, adv_high, ret_high = hae(r, v_low, v_high, boundary, done, mask, boot)
 """
 from typing import NamedTuple, Optional, Tuple, Union
 
@@ -52,6 +53,22 @@ def _shift(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([x[1:], torch.zeros_like(x[:1])])
 
 
+def _starts(boundary: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """b_k on turn-major [T, B] flags: boundary turns of the valid prefix; a row's first turn always opens one."""
+    start = mask & boundary
+    start[0] = mask[0]  # b_0 = 0
+    return start
+
+
+def self_bootstrap(values_low, values_high, boundary, mask):
+    """§5 `bootstrap_truncated`: the pair (V_low at a row's last valid turn, V_high at its last segment's
+    start), [B] each, for `hae(..., bootstrap=pair)` on rows that end truncated."""
+    T = boundary.shape[1]
+    last = (mask.sum(1) - 1).clamp(min=0)
+    seg = torch.where(_starts(boundary.t(), mask.t()).t(), torch.arange(T, device=mask.device), 0).amax(1)
+    return values_low.gather(1, last[:, None])[:, 0], values_high.gather(1, seg[:, None])[:, 0]
+
+
 def _segments(rewards, values_high, boundary, done, mask, bootstrap):
     """Turn-major [T, B] segment structure: (r, v_high, mask, start, inner, v_end_low, v_end_high).
 
@@ -63,8 +80,7 @@ def _segments(rewards, values_high, boundary, done, mask, bootstrap):
     m = mask.to(rewards.dtype)
     r = torch.where(mask, rewards.t(), 0.0)
     v_high = torch.where(mask, values_high.t(), 0.0)
-    start = mask & boundary
-    start[0] = mask[0]  # b_0 = 0: the first turn of a row always opens a segment
+    start = _starts(boundary, mask)
     last = mask & ~_shift(mask)  # a row's last valid turn
     seg_end = mask & (last | _shift(start))  # e_k = b_{k+1} − 1, or the last turn
     inner = m - seg_end.to(m.dtype)  # 1 where the carry continues inside the segment

@@ -7,7 +7,9 @@ values at their response positions (§7) → HAE (§5, hae.py) → critic update
     python hiper.py --tiny --data_dir data/alfworld --iters 2          # offline CPU run, tiny model
 """
 import argparse
+import contextlib
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -16,11 +18,15 @@ import time
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_optimizer_state_dict)
+from torch.distributed.fsdp import FSDPModule, fully_shard
 from tqdm import tqdm
 
 import envs
-from hae import hae, normalize, term_advantage
+from hae import hae, normalize, self_bootstrap, term_advantage
 
 
 @dataclass
@@ -30,7 +36,7 @@ class Config:
     device: str = ""  # cuda when available, else cpu
     tiny: bool = False  # build a tiny Qwen2 + BPE tokenizer offline instead of loading `model`
     data_dir: str = ""  # ALFWORLD_DATA root; empty: $ALFWORLD_DATA
-    run: str = "runs/hiper"  # output folder: config.json, metrics.jsonl, checkpoints
+    run_dir: str = "runs/hiper"  # output folder (not --run: torchrun claims that prefix): config.json, metrics.jsonl, checkpoints
     seed: int = 6  # env seed; validation envs use seed + 1000 (§9)
     iters: int = 150  # training iterations (§9)
     sft_epochs: int = 0  # CPU demo: supervised warm start on planner walkthroughs before RL (0 = none)
@@ -103,9 +109,9 @@ class Critic(torch.nn.Module):
         torch.nn.init.zeros_(self.head.weight)
         torch.nn.init.zeros_(self.head.bias)
 
-    def forward(self, ids, attn):
+    def forward(self, ids, attn, pos):
         with autocast(ids.device):
-            return self.head(self.backbone(input_ids=ids, attention_mask=attn).last_hidden_state).float()  # [N, L, 3]
+            return self.head(self.backbone(input_ids=ids, attention_mask=attn, position_ids=pos).last_hidden_state).float()
 
 
 def build_tiny(path, texts, seed=0):
@@ -150,13 +156,73 @@ def autocast(device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
+# ---- torchrun: the lines a multi-process run adds (each is a no-op in a single process) ----
+
+def world():
+    """(rank, world size); (0, 1) without torchrun."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def init_distributed(cfg):
+    """This process's device; under torchrun also the process group (NCCL on GPUs, gloo on CPUs)."""
+    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        if device == "cuda":
+            device = f"cuda:{os.environ['LOCAL_RANK']}"
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return device
+
+
+def shard(*models):
+    """FSDP2: every decoder layer, then the rest of each model, sharded over the ranks."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+    for model in models if world()[1] > 1 else ():
+        for layer in [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]:
+            fully_shard(layer)
+        fully_shard(model)
+
+
+@contextlib.contextmanager
+def unsharded(model):
+    """Full weights on every rank for no-grad passes that ranks run different numbers of times (generation,
+    scoring), so that no forward waits on another rank's collective."""
+    parts = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for m in parts:
+        m.set_reshard_after_forward(False, recurse=False)
+        m.unshard()
+    try:
+        yield
+    finally:
+        for m in parts:
+            m.reshard()
+            m.set_reshard_after_forward(m is not model, recurse=False)  # FSDP2's default: only the root stays gathered
+
+
+def share(items):
+    """This rank's contiguous share of a list (all of it in a single process)."""
+    rank, ws = world()
+    return items[rank * len(items) // ws:(rank + 1) * len(items) // ws]
+
+
+def gather(items):
+    """Every rank's list, concatenated in rank order: the inverse of `share`."""
+    if world()[1] == 1:
+        return items
+    parts = [None] * world()[1]
+    dist.all_gather_object(parts, items)
+    return [x for part in parts for x in part]
+
+
 # ---- token spans and value positions (§5 step 4, §7) ----
 
 def token_spans(tok, response_ids):
-    """Per response token, its [start, end) character range in the decoded response (pitfall 5: tags may
-    merge with neighbours, so spans come from character offsets, not tag ids)."""
-    ends = [len(tok.decode(response_ids[:j + 1])) for j in range(len(response_ids))]
-    return list(zip([0] + ends[:-1], ends)), tok.decode(response_ids)
+    """Per response token, its [start, end) character range in the response text, made of the tokens decoded
+    one by one in one batched call (pitfall 5: tags may merge with neighbours, so spans come from character
+    offsets, not tag ids). Returns (spans, text)."""
+    pieces = tok.batch_decode([[i] for i in response_ids])
+    ends = list(itertools.accumulate(map(len, pieces)))
+    return list(zip([0] + ends[:-1], ends)), "".join(pieces)
 
 
 def block_masks(spans, text):
@@ -216,37 +282,37 @@ def rollout(cfg, policy, tok, pool, temperature, games=None):
     state = [dict(obs=o, info=i, history=[], subgoal="None") for o, i in first]
     trajs = [[] for _ in state]
     active = list(range(len(state)))
+    recent = lambda h: h[-cfg.history:] if cfg.history else []  # noqa: E731  the last k records (§9); k = 0: none
     policy.eval()
-    for step in range(cfg.max_turns):
-        if not active:
-            break
-        recent = lambda h: h[-cfg.history:] if cfg.history else []  # noqa: E731  the last k records (§9); k = 0: none
-        prompts = [prompt_fn(state[i]["info"]["task"], state[i]["obs"], recent(state[i]["history"]), step,
-                             state[i]["subgoal"], state[i]["info"]["admissible_actions"]) for i in active]
-        with torch.no_grad():
+    with unsharded(policy), torch.no_grad():  # torchrun: each rank generates alone, on full weights
+        for step in range(cfg.max_turns):
+            if not active:
+                break
+            prompts = [prompt_fn(state[i]["info"]["task"], state[i]["obs"], recent(state[i]["history"]), step,
+                                 state[i]["subgoal"], state[i]["info"]["admissible_actions"]) for i in active]
             outs = generate(policy, tok, prompts, cfg.max_new_tokens, temperature, cfg.max_prompt)
-        actions = [None] * len(state)
-        parsed = {}
-        for i, (p_ids, r_ids) in zip(active, outs):
-            text = tok.decode(r_ids, skip_special_tokens=True)
-            switch, subgoal, action, valid = envs.parse_response(text, cfg.env)
-            parsed[i] = (p_ids, r_ids, text, subgoal, valid)
-            actions[i] = action
-        results = pool.step(actions)
-        still = []
-        for i in active:
-            obs, reward, terminated, truncated, info = results[i]
-            p_ids, r_ids, text, subgoal, valid = parsed[i]
-            trajs[i].append(dict(prompt=p_ids, response=r_ids, text=text, valid=valid, won=info["won"],
-                                 done=terminated, boundary=step == 0 or envs.is_boundary(text),
-                                 task_type=info["task_type"]))
-            st = state[i]
-            st["history"].append((st["obs"], actions[i]))
-            st["obs"], st["info"] = obs, info
-            st["subgoal"] = subgoal if subgoal is not None else st["subgoal"]  # last <subgoal> text is current (§2)
-            if not (terminated or truncated):
-                still.append(i)
-        active = still
+            actions = [None] * len(state)
+            parsed = {}
+            for i, (p_ids, r_ids) in zip(active, outs):
+                text = tok.decode(r_ids, skip_special_tokens=True)
+                switch, subgoal, action, valid = envs.parse_response(text, cfg.env)
+                parsed[i] = (p_ids, r_ids, text, subgoal, valid)
+                actions[i] = action
+            results = pool.step(actions)
+            still = []
+            for i in active:
+                obs, reward, terminated, truncated, info = results[i]
+                p_ids, r_ids, text, subgoal, valid = parsed[i]
+                trajs[i].append(dict(prompt=p_ids, response=r_ids, text=text, valid=valid, won=info["won"],
+                                     done=terminated, boundary=step == 0 or envs.is_boundary(text),
+                                     task_type=info["task_type"]))
+                st = state[i]
+                st["history"].append((st["obs"], actions[i]))
+                st["obs"], st["info"] = obs, info
+                st["subgoal"] = subgoal if subgoal is not None else st["subgoal"]  # last <subgoal> text is current (§2)
+                if not (terminated or truncated):
+                    still.append(i)
+            active = still
     return trajs
 
 
@@ -272,66 +338,73 @@ def shape_rewards(cfg, traj, spans_sub):
 # ---- batch: masks, values, HAE ----
 
 def pad_batch(samples, pad_id, device):
-    """Right-padded prompt+response ids of a list of turn samples, on `device`: ids and attention mask."""
-    seqs = [s["prompt"] + s["response"] for s in samples]
-    L = max(map(len, seqs))
-    ids = torch.full((len(seqs), L), pad_id)
-    attn = torch.zeros(len(seqs), L, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, :len(s)] = torch.tensor(s)
-        attn[i, :len(s)] = 1
-    return ids.to(device), attn.to(device)
+    """Prompts left-padded to P and responses right-padded, so response token j of every row sits at P + j:
+    ids, attention mask and position ids (numbered as HF generate numbers left-padded rows), and P."""
+    P, R = max(len(s["prompt"]) for s in samples), max(len(s["response"]) for s in samples)
+    ids = torch.full((len(samples), P + R), pad_id)
+    attn = torch.zeros_like(ids)
+    for i, s in enumerate(samples):
+        lo, hi = P - len(s["prompt"]), P + len(s["response"])
+        ids[i, lo:hi] = torch.tensor(s["prompt"] + s["response"])
+        attn[i, lo:hi] = 1
+    pos = (attn.cumsum(1) - 1).clamp(min=0)
+    return ids.to(device), attn.to(device), pos.to(device), P
 
 
 def response_logprobs(model, samples, pad_id, with_entropy=False):
-    """log π(token j | prompt, response[:j]) for each response token, as a [N, R] tensor (0-padded). The LM
-    head runs only on the R positions before response tokens: [N, R, V] logits, not [N, L, V]."""
-    ids, attn = pad_batch(samples, pad_id, model.device)
-    R = max(len(s["response"]) for s in samples)
-    idx = torch.tensor([[len(s["prompt"]) - 1 + j for j in range(R)] for s in samples],
-                       device=ids.device).clamp(max=ids.shape[1] - 2)
+    """log π(token j | prompt, response[:j]) for each response token, as a [N, R] tensor (entries past a
+    row's response are junk). Logits only at the R positions before response tokens: [N, R, V], not [N, L, V]."""
+    ids, attn, pos, P = pad_batch(samples, pad_id, model.device)
     with autocast(ids.device):
-        hidden = model.get_decoder()(input_ids=ids, attention_mask=attn).last_hidden_state
-        hidden = hidden.gather(1, idx[..., None].expand(-1, -1, hidden.shape[-1]))  # [N, R, H] before token j
-        logp = torch.log_softmax(model.get_output_embeddings()(hidden).float(), -1)
-    out = logp.gather(-1, ids.gather(1, idx + 1)[..., None])[..., 0]
+        logits = model(input_ids=ids, attention_mask=attn, position_ids=pos, logits_to_keep=ids.shape[1] - P + 1).logits
+    logp = torch.log_softmax(logits[:, :-1].float(), -1)  # positions P−1 … P+R−2 predict response tokens 0 … R−1
+    out = logp.gather(-1, ids[:, P:, None])[..., 0]
     return (out, -(logp.exp() * logp).sum(-1)) if with_entropy else out
 
 
 def critic_values(critic, samples, pad_id):
     """[N, 3] values: head 0 at the V_low position, heads 1, 2 at response index 0, each read at the
     position before the token (§7)."""
-    ids, attn = pad_batch(samples, pad_id, next(critic.parameters()).device)
-    out = critic(ids, attn)  # [N, L, 3]
-    rows = torch.arange(len(samples), device=ids.device)
-    v_low = out[rows, torch.tensor([len(s["prompt"]) - 1 + s["v_low_idx"] for s in samples], device=ids.device), 0]
-    first = torch.tensor([len(s["prompt"]) - 1 for s in samples], device=ids.device)
-    return torch.stack([v_low, out[rows, first, 1], out[rows, first, 2]], -1).cpu()  # [N, 3]
+    ids, attn, pos, P = pad_batch(samples, pad_id, next(critic.parameters()).device)
+    out = critic(ids, attn, pos)  # [N, L, 3]
+    v_low = out[torch.arange(len(samples)), P - 1 + torch.tensor([s["v_low_idx"] for s in samples]), 0]
+    return torch.cat([v_low[:, None], out[:, P - 1, 1:]], -1).cpu()
 
 
-def prepare(cfg, trajs, tok, policy, ref, critic):
-    """Flatten trajectories into turn samples with masks, old/ref log-probs, values and advantages: HAE (§5),
-    or a flat baseline (--adv gae | grpo)."""
-    samples = []
-    for b, traj in enumerate(trajs):
+def score(cfg, trajs, tok, policy, ref, critic):
+    """Per turn, in place: block masks, V_low position, shaped reward (§8), and from no-grad passes the old
+    and reference log-probs and the 3 values (§7). Returns trajs."""
+    turns = []
+    for traj in trajs:
         spans_sub = []
         for turn in traj:
             spans, text = token_spans(tok, turn["response"])
             m = block_masks(spans, text)
             turn.update(masks=m, v_low_idx=v_low_index(spans, text))
             spans_sub.append([tid for tid, keep in zip(turn["response"], m["subgoal"]) if keep])
-        for t, (turn, r) in enumerate(zip(traj, shape_rewards(cfg, traj, spans_sub))):
-            turn.update(reward=r, b=b, t=t)
+        for turn, r in zip(traj, shape_rewards(cfg, traj, spans_sub)):
+            turn["reward"] = r
+        turns += traj
+    passes = [(policy, "old_logp"), (ref, "ref_logp")] + [(critic, "values")] * (cfg.adv != "grpo")  # grpo: no critic
+    for model, key in passes:
+        with unsharded(model), torch.no_grad():  # torchrun: ranks score different numbers of turns, on full weights
+            for k in range(0, len(turns), cfg.microbatch):
+                mb = turns[k:k + cfg.microbatch]
+                out = critic_values(model, mb, tok.pad_token_id) if key == "values" \
+                    else response_logprobs(model, mb, tok.pad_token_id).cpu()
+                for s, o in zip(mb, out):
+                    s[key] = o if key == "values" else o[:len(s["response"])]
+    return trajs
+
+
+def advantages(cfg, trajs):
+    """Turn samples of the whole batch (all ranks' trajectories) with advantages, loss masks and returns: HAE
+    (§5), or a flat baseline (--adv gae | grpo)."""
+    samples = []
+    for b, traj in enumerate(trajs):
+        for t, turn in enumerate(traj):
+            turn.update(b=b, t=t)
             samples.append(turn)
-    with torch.no_grad():
-        for k in range(0, len(samples), cfg.microbatch):
-            mb = samples[k:k + cfg.microbatch]
-            old = response_logprobs(policy, mb, tok.pad_token_id).cpu()
-            rf = response_logprobs(ref, mb, tok.pad_token_id).cpu()
-            vals = torch.zeros(len(mb), 3) if cfg.adv == "grpo" else critic_values(critic, mb, tok.pad_token_id)
-            for i, s in enumerate(mb):
-                n = len(s["response"])
-                s.update(old_logp=old[i, :n], ref_logp=rf[i, :n], values=vals[i])
     every_block = lambda m: torch.tensor([any(x) for x in zip(m["action"], m["subgoal"], m["switch"])])  # noqa: E731
     if cfg.adv == "grpo":  # episode return, normalised within its group of episodes on the same game; no critic
         ret = torch.tensor([sum(turn["reward"] for turn in tr) for tr in trajs]).view(-1, cfg.group_size)
@@ -351,11 +424,7 @@ def prepare(cfg, trajs, tok, policy, ref, critic):
         boundary[b, t] = s["boundary"] if cfg.adv == "hae" else t == 0
     if cfg.adv == "gae":  # flat: one segment per episode, V_low everywhere
         v_high = v_low.clone()
-    lengths = mask.sum(1)
-    last = (lengths - 1).clamp(min=0)
-    seg_start = torch.where(boundary & mask, torch.arange(T).expand(B, T), 0).max(1).values
-    rows = torch.arange(B)
-    boot = (v_low[rows, last], v_high[rows, seg_start]) if cfg.bootstrap_truncated else None
+    boot = self_bootstrap(v_low, v_high, boundary, mask) if cfg.bootstrap_truncated else None
     out = hae(r, v_low, v_high, boundary, done, mask, boot, gamma=cfg.gamma, lam=cfg.lam, lam_seg=cfg.lam_seg)
     adv_term, ret_term = term_advantage(r, v_term, v_high, boundary, done, mask, boot, gamma=cfg.gamma)
     has = lambda key: torch.tensor([[any(trajs[b][t]["masks"][key]) if t < len(trajs[b]) else False  # noqa: E731
@@ -387,20 +456,22 @@ def prepare(cfg, trajs, tok, policy, ref, critic):
 
 # ---- critic and actor updates ----
 
-def critic_loss(cfg, critic, mb, pad_id):
-    """§7: clipped value loss per head, mean over that head's turns; L = L_low + L_high + L_term."""
+def critic_loss(cfg, critic, mb, pad_id, mbatch):
+    """§7: clipped value loss per head, mean over that head's turns of the minibatch `mbatch` (mb is a
+    micro-batch of it); L = L_low + L_high + L_term."""
     v = critic_values(critic, mb, pad_id)  # [N, 3]
     old = torch.stack([s["values"] for s in mb])
     ret = torch.stack([s["returns"] for s in mb])
     m = torch.stack([s["value_mask"] for s in mb]).float()
     v_clip = old + (v - old).clamp(-cfg.value_clip, cfg.value_clip)
     per = torch.maximum((v - ret) ** 2, (v_clip - ret) ** 2) * 0.5
-    heads = (per * m).sum(0) / m.sum(0).clamp(min=1)  # [3]
+    heads = (per * m).sum(0) / torch.stack([s["value_mask"] for s in mbatch]).sum(0).clamp(min=1)  # [3]
     return heads.sum(), heads.detach()
 
 
-def actor_loss(cfg, policy, mb, pad_id):
-    """PPO dual-clip objective + entropy bonus + k3 KL to the reference, token-mean over the loss mask."""
+def actor_loss(cfg, policy, mb, pad_id, mbatch):
+    """PPO dual-clip objective + entropy bonus + k3 KL to the reference, token-mean over the loss masks of
+    the minibatch `mbatch` (mb is a micro-batch of it)."""
     logp, ent = response_logprobs(policy, mb, pad_id, with_entropy=True)
     R = logp.shape[1]
     pad = lambda key: torch.stack([F.pad(s[key].float(), (0, R - len(s[key]))) for s in mb]).to(logp.device)  # noqa
@@ -412,7 +483,7 @@ def actor_loss(cfg, policy, mb, pad_id):
     # k3 ("low_var_kl"): e^{ref−logp} − (ref−logp) − 1, clamped to ±10 (§9)
     d = (ref - logp).clamp(-20, 20)
     kl = (torch.exp(d) - d - 1).clamp(-10, 10)
-    n = m.sum().clamp(min=1)
+    n = sum(s["loss_mask"].sum() for s in mbatch).clamp(min=1)
     loss = ((pg - cfg.entropy_coef * ent + cfg.kl_coef * kl) * m).sum() / n
     clipped = ((ratio - 1).abs() > cfg.clip_eps).float()
     stats = torch.stack([(pg * m).sum() / n, (kl * m).sum() / n, (ent * m).sum() / n, (clipped * m).sum() / n])
@@ -420,23 +491,33 @@ def actor_loss(cfg, policy, mb, pad_id):
 
 
 def update(cfg, model, opt, samples, loss_fn, pad_id, rng):
-    """Minibatches of `cfg.minibatch` turns, accumulated over micro-batches, then one clipped step."""
+    """Minibatches of `cfg.minibatch` turns, accumulated over micro-batches, then one clipped step; returns
+    the loss statistics averaged over minibatches. Under torchrun every rank holds all samples and the same
+    rng, and takes its share of each minibatch (data parallel)."""
+    rank, ws = world()
     model.train()
-    stats = []
+    total, steps = 0, 0
     for _ in range(cfg.ppo_epochs):
         order = list(range(len(samples)))
         rng.shuffle(order)
         for k in range(0, len(order), cfg.minibatch):
             mbatch = [samples[i] for i in order[k:k + cfg.minibatch]]
+            mine = mbatch[rank::ws]
+            n_micro = math.ceil(math.ceil(len(mbatch) / ws) / cfg.microbatch)  # the same count on every rank
             opt.zero_grad()
-            for j in range(0, len(mbatch), cfg.microbatch):
-                micro = mbatch[j:j + cfg.microbatch]
-                loss, st = loss_fn(cfg, model, micro, pad_id)
-                (loss * len(micro) / len(mbatch)).backward()
-                stats.append(st)
+            for j in range(n_micro):
+                micro = mine[j::n_micro]
+                loss, st = loss_fn(cfg, model, micro or mbatch[:1], pad_id, mbatch)
+                # losses are sums over the minibatch's normaliser: ×ws undoes FSDP's gradient mean over ranks;
+                # a rank left without a share still runs the pass (its collectives), with weight 0
+                (loss * (ws if micro else 0)).backward()
+                total = total + st * bool(micro)
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
-    return torch.stack(stats).mean(0)
+            steps += 1
+    if ws > 1:  # each rank holds its share of every minibatch's statistics
+        dist.all_reduce(total := total.to(next(model.parameters()).device))
+    return total / steps
 
 
 def warm_start(cfg, policy, tok, demos):
@@ -469,9 +550,11 @@ def evaluate(cfg, policy, tok, split):
     `success_128` re-scores the same episodes as the official protocol draws them, 128 games with repeats
     (seeded), so it is comparable to the paper's protocol but not a separate run."""
     n = len(envs.alfworld_game_files(cfg.data_dir, split)) if cfg.env == "alfworld" else envs.WEBSHOP_N_EVAL_GOALS
-    pool = envs.EnvPool(cfg.env, n, min(cfg.env_workers, n), seed=cfg.seed + 1000, **env_options(cfg, split))
+    games = share(list(range(n)))  # torchrun: each rank plays its share of the games
+    pool = envs.EnvPool(cfg.env, len(games), min(cfg.env_workers, len(games)), seed=cfg.seed + 1000,
+                        **env_options(cfg, split))
     try:
-        trajs = rollout(cfg, policy, tok, pool, cfg.eval_temperature, games=list(range(n)))
+        trajs = gather(rollout(cfg, policy, tok, pool, cfg.eval_temperature, games=games))
     finally:
         pool.close()
     draw = random.Random(cfg.seed + 1000).choices(range(n), k=128)
@@ -487,7 +570,10 @@ def validate(cfg, policy, tok, updates):
 
 
 def log(cfg, line):
-    with open(os.path.join(cfg.run, "metrics.jsonl"), "a") as f:
+    """Append a line to <run>/metrics.jsonl (rank 0 writes for all ranks)."""
+    if world()[0] > 0:
+        return
+    with open(os.path.join(cfg.run_dir, "metrics.jsonl"), "a") as f:
         f.write(json.dumps(line) + "\n")
 
 
@@ -539,21 +625,23 @@ def env_options(cfg, split):
 def init_model_path(cfg):
     """The initial checkpoint: `cfg.model`, or with --tiny a tiny model built once under the run folder; with
     --sft_epochs, that model after the supervised warm start, also built once (so --resume reuses it)."""
-    path, warm = cfg.model, os.path.join(cfg.run, "warm-start")
+    path = os.path.join(cfg.run_dir, "tiny-init") if cfg.tiny else cfg.model
+    warm = os.path.join(cfg.run_dir, "warm-start")
     build_warm = cfg.sft_epochs and not os.path.isdir(warm)
-    demos = envs.plan_execute_demos(cfg.data_dir, "train", cfg.history, cfg.max_turns) if build_warm else []
-    if cfg.tiny:
-        path = os.path.join(cfg.run, "tiny-init")
-        if not os.path.isdir(path):
+    if world()[0] == 0:  # torchrun: rank 0 builds, the others wait at the barrier
+        demos = envs.plan_execute_demos(cfg.data_dir, "train", cfg.history, cfg.max_turns) if build_warm else []
+        if cfg.tiny and not os.path.isdir(path):
             files = envs.alfworld_game_files(cfg.data_dir, "train")
             texts = [json.load(open(f))["grammar"] for f in files] + [envs.FORMAT_RULES, envs.SUBGOAL_RULES]
             build_tiny(path, texts + [p + r for game in demos for p, r in game], cfg.seed)
-    if build_warm:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-        tok, policy = AutoTokenizer.from_pretrained(path), AutoModelForCausalLM.from_pretrained(path)
-        warm_start(cfg, policy, tok, demos)
-        policy.save_pretrained(warm)
-        tok.save_pretrained(warm)
+        if build_warm:
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+            tok, policy = AutoTokenizer.from_pretrained(path), AutoModelForCausalLM.from_pretrained(path)
+            warm_start(cfg, policy, tok, demos)
+            policy.save_pretrained(warm)
+            tok.save_pretrained(warm)
+    if dist.is_initialized():
+        dist.barrier()
     return warm if cfg.sft_epochs else path
 
 
@@ -564,45 +652,68 @@ def peak_memory_gb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
 
 
+FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)  # consolidated: resumes on any world size
+
+
 def save_checkpoint(cfg, ckpt, it, tok, policy, critic, actor_opt, critic_opt, rng):
-    policy.save_pretrained(os.path.join(ckpt, "policy"))  # Hugging Face format: loads anywhere
-    tok.save_pretrained(os.path.join(ckpt, "policy"))
-    torch.save(dict(critic=critic.state_dict(), actor_opt=actor_opt.state_dict(), critic_opt=critic_opt.state_dict(),
-                    rng=rng.getstate(), torch_rng=torch.get_rng_state(), iteration=it, config=dataclasses.asdict(cfg)),
-               os.path.join(ckpt, "state.pt"))
+    """<ckpt>/policy in Hugging Face format (loads anywhere) and <ckpt>/state.pt (critic, optimizers, RNG),
+    all unsharded. Under torchrun every rank helps gather; rank 0 writes."""
+    state = dict(policy=get_model_state_dict(policy, options=FULL), critic=get_model_state_dict(critic, options=FULL),
+                 actor_opt=get_optimizer_state_dict(policy, actor_opt, options=FULL),
+                 critic_opt=get_optimizer_state_dict(critic, critic_opt, options=FULL))
+    if world()[0] == 0:
+        policy.save_pretrained(os.path.join(ckpt, "policy"), state_dict=state.pop("policy"))
+        tok.save_pretrained(os.path.join(ckpt, "policy"))
+        torch.save(dict(state, rng=rng.getstate(), iteration=it, config=dataclasses.asdict(cfg)),
+                   os.path.join(ckpt, "state.pt"))
 
 
 def main(argv=None):
     cfg = parse_config(argv)
-    torch.manual_seed(cfg.seed)
-    os.makedirs(cfg.run, exist_ok=True)
-    ckpt = os.path.join(cfg.run, "checkpoint")
+    device = init_distributed(cfg)
+    try:
+        train(cfg, device)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def train(cfg, device):
+    """Build or resume, then iterate: validate every k, rollout, score, advantages, critic and actor updates."""
+    rank, ws = world()
+    os.makedirs(cfg.run_dir, exist_ok=True)
+    ckpt = os.path.join(cfg.run_dir, "checkpoint")
     init_path = init_model_path(cfg)
     resume = cfg.resume and os.path.isdir(ckpt)
-    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     tok, policy, ref, critic = load_models(cfg.checkpoint or (os.path.join(ckpt, "policy") if resume else init_path),
                                            init_path, device, cfg.grad_checkpointing)
+    state = torch.load(os.path.join(ckpt, "state.pt"), weights_only=False) if resume else None
+    if resume:
+        critic.load_state_dict(state["critic"])
+    shard(policy, ref, critic)
     if cfg.eval_only:
-        print(json.dumps(validate(cfg, policy, tok, 0), indent=1))
+        line = validate(cfg, policy, tok, 0)
+        if rank == 0:
+            print(json.dumps(line, indent=1))
         return
     actor_opt = torch.optim.AdamW(policy.parameters(), lr=cfg.actor_lr, weight_decay=cfg.weight_decay)
     critic_opt = torch.optim.AdamW(critic.parameters(), lr=cfg.critic_lr, weight_decay=cfg.weight_decay)
-    rng = random.Random(cfg.seed)
+    rng = random.Random(cfg.seed)  # the same stream on every rank: games, minibatch order
     start = 0
     if resume:
-        state = torch.load(os.path.join(ckpt, "state.pt"), weights_only=False)
-        critic.load_state_dict(state["critic"])
-        actor_opt.load_state_dict(state["actor_opt"])
-        critic_opt.load_state_dict(state["critic_opt"])
+        set_optimizer_state_dict(policy, actor_opt, state["actor_opt"], options=FULL)
+        set_optimizer_state_dict(critic, critic_opt, state["critic_opt"], options=FULL)
         rng.setstate(state["rng"])
-        torch.set_rng_state(state["torch_rng"])
         start = state["iteration"]
-    with open(os.path.join(cfg.run, "config.json"), "w") as f:
-        json.dump(dataclasses.asdict(cfg), f, indent=1)
+    if rank == 0:
+        with open(os.path.join(cfg.run_dir, "config.json"), "w") as f:
+            json.dump(dict(dataclasses.asdict(cfg), world_size=ws), f, indent=1)
     n_games = len(envs.alfworld_game_files(cfg.data_dir, "train")) if cfg.env == "alfworld" else None
-    pool = envs.EnvPool(cfg.env, cfg.n_envs, cfg.env_workers, seed=cfg.seed, **env_options(cfg, "train"))
+    pool = envs.EnvPool(cfg.env, len(share(range(cfg.n_envs))), cfg.env_workers, seed=cfg.seed + 7919 * rank,
+                        **env_options(cfg, "train"))
     try:
-        for it in tqdm(range(start, cfg.iters), desc="iterations", initial=start, total=cfg.iters):
+        for it in tqdm(range(start, cfg.iters), desc="iterations", initial=start, total=cfg.iters, disable=rank > 0):
+            torch.manual_seed(cfg.seed + 100_003 * it + 7919 * rank)  # sampling: a stream per iteration and rank
             if cfg.eval_every and it % cfg.eval_every == 0:  # before training and every k iterations (§9)
                 log(cfg, validate(cfg, policy, tok, it))
             metrics = dict(iteration=it + 1)
@@ -611,9 +722,11 @@ def main(argv=None):
             groups = cfg.group_size if cfg.adv == "grpo" else 1  # grpo: each game played by a group of envs
             games = [g for g in (rng.randrange(n_games) for _ in range(cfg.n_envs // groups)) for _ in range(groups)] \
                 if n_games else None
-            trajs = rollout(cfg, policy, tok, pool, cfg.temperature, games)
+            trajs = rollout(cfg, policy, tok, pool, cfg.temperature, share(games) if games else None)
             t_roll = time.time() - t0
-            samples = prepare(cfg, trajs, tok, policy, ref, critic)
+            # torchrun: each rank scores its own turns, then every rank holds the whole batch and its advantages
+            trajs = gather(score(cfg, trajs, tok, policy, ref, critic))
+            samples = advantages(cfg, trajs)
             c_stats = update(cfg, critic, critic_opt, samples, critic_loss, tok.pad_token_id, rng) \
                 if cfg.adv != "grpo" else torch.full((3,), float("nan"))
             a_stats = update(cfg, policy, actor_opt, samples, actor_loss, tok.pad_token_id, rng)
@@ -635,9 +748,12 @@ def main(argv=None):
                 save_checkpoint(cfg, ckpt, it + 1, tok, policy, critic, actor_opt, critic_opt, rng)
         if cfg.eval_every and start < cfg.iters:  # the trained policy, then the before/after table and curve
             log(cfg, validate(cfg, policy, tok, cfg.iters))
-            report(cfg.run)
+            if rank == 0:
+                report(cfg.run_dir)
     finally:
         pool.close()
+
+
 
 
 if __name__ == "__main__":

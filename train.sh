@@ -26,23 +26,23 @@ for split, n in (('train', 20), ('valid_seen', 5), ('valid_unseen', 5)):
 case "$preset" in
   demo)
     games
-    exec python hiper.py --tiny "${DEMO[@]}" "${SFT[@]}" --run runs/demo --iters 10 --eval_every 5 "$@" ;;
+    exec python hiper.py --tiny "${DEMO[@]}" "${SFT[@]}" --run_dir runs/demo --iters 10 --eval_every 5 "$@" ;;
   compare)
     games
     root=runs/compare
-    python hiper.py --tiny "${DEMO[@]}" "${SFT[@]}" --run $root/warm --iters 0
+    python hiper.py --tiny "${DEMO[@]}" "${SFT[@]}" --run_dir $root/warm --iters 0
     for seed in 1 2 3; do
       for adv in hae gae grpo; do
         [ -f $root/$adv-s$seed/curve.png ] || python hiper.py "${DEMO[@]}" --model $root/warm/warm-start \
-          --run $root/$adv-s$seed --adv $adv --seed $seed --iters 10 --eval_every 10 "$@"
+          --run_dir $root/$adv-s$seed --adv $adv --seed $seed --iters 10 --eval_every 10 "$@"
       done
     done
     python compare.py $root results ;;
   alfworld)
-    exec python hiper.py --env alfworld --model "$MODEL" --run runs/alfworld --kappa -0.3 --grad_checkpointing true \
+    exec python hiper.py --env alfworld --model "$MODEL" --run_dir runs/alfworld --kappa -0.3 --grad_checkpointing true \
       --bootstrap_truncated true "$@" ;;
   webshop)
-    exec python hiper.py --env webshop --model "$MODEL" --run runs/webshop --kappa -3.5 --grad_checkpointing true \
+    exec python hiper.py --env webshop --model "$MODEL" --run_dir runs/webshop --kappa -3.5 --grad_checkpointing true \
       --bootstrap_truncated false "$@" ;;
   *) echo "usage: bash train.sh [demo|compare|alfworld|webshop] [--field value ...]" >&2; exit 2 ;;
 esac

@@ -139,10 +139,10 @@ def test_actor_loss_matches_hand_computation(tiny):
         logp, ent = hiper.response_logprobs(policy, [s], tok.pad_token_id, with_entropy=True)
     s.update(old_logp=logp[0], ref_logp=logp[0])  # ratio 1, KL 0
     cfg = hiper.Config()
-    loss, _ = hiper.actor_loss(cfg, policy, [s], tok.pad_token_id)
+    loss, _ = hiper.actor_loss(cfg, policy, [s], tok.pad_token_id, [s])
     assert loss.item() == pytest.approx(-0.7 - cfg.entropy_coef * ent[0].mean().item(), rel=1e-5)
     s["old_logp"] = logp[0] - 1.0  # ratio e > 1 + ε: the clipped term binds for a positive advantage
-    loss, stats = hiper.actor_loss(cfg, policy, [s], tok.pad_token_id)
+    loss, stats = hiper.actor_loss(cfg, policy, [s], tok.pad_token_id, [s])
     assert stats[0].item() == pytest.approx(-0.7 * 1.2, rel=1e-5) and stats[3].item() == 1.0
 
 
@@ -169,9 +169,9 @@ def test_two_iterations_then_resume_equals_uninterrupted(tmp_path):
             "--eval_every", "0", "--minibatch", "6", "--microbatch", "3", "--env_workers", "1", "--save_every", "1",
             "--actor_lr", "1e-3", "--critic_lr", "1e-3"]
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
-    hiper.main(args + ["--run", full, "--iters", "3"])
-    hiper.main(args + ["--run", part, "--iters", "2"])
-    hiper.main(args + ["--run", part, "--iters", "3", "--resume"])
+    hiper.main(args + ["--run_dir", full, "--iters", "3"])
+    hiper.main(args + ["--run_dir", part, "--iters", "2"])
+    hiper.main(args + ["--run_dir", part, "--iters", "3", "--resume"])
     read = lambda run: [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]  # noqa: E731
     a, b = read(full), read(part)
     assert len(a) == len(b) == 3
@@ -198,7 +198,7 @@ def test_token_advantages_follow_the_levels(tiny, adv):
     traj = [dict(prompt=p, response=tok(x, add_special_tokens=False).input_ids, text=x, valid=True, won=i == 2,
                  done=i == 2, boundary=i != 1, task_type="t") for i, x in enumerate(texts)]
     cfg = hiper.Config(adv=adv, microbatch=2)
-    samples = hiper.prepare(cfg, [traj], tok, policy, ref, critic)
+    samples = hiper.advantages(cfg, hiper.score(cfg, [traj], tok, policy, ref, critic))
     def only(s, key):  # tokens in this block alone (a BPE token may straddle two tags, pitfall 5)
         m = {k: torch.tensor(v) for k, v in s["masks"].items()}
         return m[key] & ~sum(m[k].int() for k in m if k != key).bool()
@@ -232,8 +232,8 @@ def test_grpo_advantage_is_the_group_normalised_episode_return(tiny):
         return [dict(prompt=p, response=tok(OK, add_special_tokens=False).input_ids, text=OK, valid=valid, won=won,
                      done=won, boundary=True, task_type="t")]
     cfg = hiper.Config(adv="grpo", group_size=2, microbatch=4)
-    samples = hiper.prepare(cfg, [traj(True), traj(False, valid=False), traj(False), traj(False)], tok, policy, ref,
-                            critic)
+    trajs = [traj(True), traj(False, valid=False), traj(False), traj(False)]
+    samples = hiper.advantages(cfg, hiper.score(cfg, trajs, tok, policy, ref, critic))
     spread = (10.0 + 0.1) / 2 ** 0.5  # unbiased std of two values is |a − b| / √2
     expected = [(10.0 - 4.95) / spread, (-0.1 - 4.95) / spread, 0.0, 0.0]
     for s, e in zip(samples, expected):
