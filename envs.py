@@ -278,18 +278,13 @@ def _mangle(name):
     return name
 
 
-def _room_split(floor_plan, split):
-    """Unseen rooms (valid_unseen) are the last five of each room type; the others are seen."""
-    unseen = floor_plan % 100 > 25
-    return unseen == (split == "valid_unseen")
-
-
 def _sample_game(rng, task_type, split, max_receptacles, n_distractors):
     """One game's PDDL problem and traj_data, or None if the drawn room cannot host the task."""
     from alfworld.gen import constants as C
     from alfworld.gen import goal_library
     layouts = os.path.join(os.path.dirname(C.__file__), "layouts")
-    rooms = [n for room in C.GOALS_VALID[task_type] for n in _ROOMS[room] if _room_split(n, split)]
+    # valid_unseen: the last five rooms of each room type, which the other splits never use
+    rooms = [n for room in C.GOALS_VALID[task_type] for n in _ROOMS[room] if (n % 100 > 25) == (split == "valid_unseen")]
     floor_plan = rng.choice(rooms)
     with open(os.path.join(layouts, f"FloorPlan{floor_plan}-objects.json")) as f:
         classes = set(json.load(f))
@@ -428,13 +423,13 @@ def generate_alfworld_games(out_dir, per_task_type, seed, split="train", task_ty
 
 # ---- WebShop ----
 
-def _webshop_engine(**kwargs):
-    """WebShop's own text environment, from the checkout that WEBSHOP_PATH points at."""
-    path = os.environ.get("WEBSHOP_PATH")
+def _webshop_engine(data_dir=None, **kwargs):
+    """WebShop's own text environment, from the checkout at data_dir (empty: $WEBSHOP_PATH)."""
+    path = data_dir or os.environ.get("WEBSHOP_PATH")
     if not path or not os.path.isdir(os.path.join(path, "web_agent_site")):
         raise FileNotFoundError(
-            f"WebShop not found: WEBSHOP_PATH={path!r} must be a checkout of the official WebShop repository "
-            "(princeton-nlp/WebShop) with its data and search index set up by its `setup.sh -d small` "
+            f"WebShop not found: {path!r} (--data_dir or WEBSHOP_PATH) must be a checkout of the official WebShop "
+            "repository (princeton-nlp/WebShop) with its data and search index set up by its `setup.sh -d small` "
             "(1,000 products, human instructions, pyserini index; needs Java and spaCy's en_core_web_sm).")
     sys.path.insert(0, path)
     from web_agent_site.envs import WebAgentTextEnv
@@ -447,8 +442,8 @@ class WebShopEnv:
     the two never overlap whatever the seeds or number of workers. Reward is the engine's score in
     [0, 1]; won ⇔ score = 1."""
 
-    def __init__(self, split="train", seed=0, max_steps=50, engine=None, **engine_kwargs):
-        self.engine = (engine or _webshop_engine)(**engine_kwargs)
+    def __init__(self, split="train", seed=0, max_steps=50, data_dir=None, engine=None, **engine_kwargs):
+        self.engine = engine(**engine_kwargs) if engine else _webshop_engine(data_dir, **engine_kwargs)
         n = len(self.engine.server.goals)
         if split == "train":
             self.goals = list(range(WEBSHOP_N_EVAL_GOALS, n))
@@ -514,17 +509,16 @@ def _worker(conn, name, seeds, options):
 
 
 class EnvPool:
-    """n environments stepped in `workers` processes; env i has seed `seed + i`. reset(games) and
-    step(actions) return lists in env order; games[i] picks env i's game (None: the env's own choice), an
-    action of None leaves that env alone (its entry is None). A worker that raises or dies is reported
-    with its error instead of hanging."""
+    """n environments stepped in `workers` processes (contiguous shares); env i has seed `seed + i`.
+    reset(games) and step(actions) return lists in env order; games[i] picks env i's game (None: the env's
+    own choice), an action of None leaves that env alone (its entry is None). A worker that raises or dies
+    is reported with its error instead of hanging."""
 
     def __init__(self, name, n, workers, seed=0, **options):
-        self.n = n
-        shards = [list(range(n))[w::workers] for w in range(workers) if w < n]
+        self.n, self.shards = n, [range(w * n // workers, (w + 1) * n // workers) for w in range(min(workers, n))]
         ctx = mp.get_context("fork")
-        self.procs, self.conns, self.shards = [], [], shards
-        for shard in shards:
+        self.procs, self.conns = [], []
+        for shard in self.shards:
             parent, child = ctx.Pipe()
             proc = ctx.Process(target=_worker, args=(child, name, [seed + i for i in shard], options), daemon=True)
             proc.start()
@@ -533,6 +527,7 @@ class EnvPool:
         self._gather()
 
     def _gather(self):
+        """Every worker's answer, concatenated in env order."""
         results = []
         for w, (proc, conn) in enumerate(zip(self.procs, self.conns)):
             while not conn.poll(1.0):
@@ -543,26 +538,19 @@ class EnvPool:
             if status == "error":
                 self.close()
                 raise RuntimeError(f"env worker {w} failed:\n{payload}")
-            results.append(payload)
+            results += payload or []
         return results
-
-    def _scatter(self, results):
-        out = [None] * self.n
-        for shard, res in zip(self.shards, results):
-            for i, r in zip(shard, res):
-                out[i] = r
-        return out
 
     def reset(self, games=None):
         games = games or [None] * self.n
         for shard, conn in zip(self.shards, self.conns):
-            conn.send(("reset", [games[i] for i in shard]))
-        return self._scatter(self._gather())
+            conn.send(("reset", games[shard.start:shard.stop]))
+        return self._gather()
 
     def step(self, actions):
         for shard, conn in zip(self.shards, self.conns):
-            conn.send(("step", [actions[i] for i in shard]))
-        return self._scatter(self._gather())
+            conn.send(("step", actions[shard.start:shard.stop]))
+        return self._gather()
 
     def close(self):
         for proc, conn in zip(self.procs, self.conns):

@@ -63,9 +63,8 @@ def _starts(boundary: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 def self_bootstrap(values_low, values_high, boundary, mask):
     """§5 `bootstrap_truncated`: the pair (V_low at a row's last valid turn, V_high at its last segment's
     start), [B] each, for `hae(..., bootstrap=pair)` on rows that end truncated."""
-    T = boundary.shape[1]
     last = (mask.sum(1) - 1).clamp(min=0)
-    seg = torch.where(_starts(boundary.t(), mask.t()).t(), torch.arange(T, device=mask.device), 0).amax(1)
+    seg = torch.where(_starts(boundary.t(), mask.t()).t(), torch.arange(mask.shape[1], device=mask.device), 0).amax(1)
     return values_low.gather(1, last[:, None])[:, 0], values_high.gather(1, seg[:, None])[:, 0]
 
 

