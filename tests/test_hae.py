@@ -5,7 +5,7 @@ import random
 import pytest
 import torch
 
-from hae import hae, normalize, term_advantage
+from hae import hae, normalize, self_bootstrap, term_advantage
 
 
 def hae_loop(r, v_low, v_high, boundary, done, lengths, boot_low, boot_high, gamma, lam, lam_seg, v_term=None):
@@ -236,3 +236,17 @@ def test_high_level_unbiased_by_monte_carlo():
         if exact:
             se = out.ret_high[:, 0].std() / math.sqrt(N)
             assert abs(out.ret_high[:, 0].mean() - v[0]) < 4 * se
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_self_bootstrap_reads_the_last_turn_and_the_last_segment_start(seed):
+    """Loop reference: V_low at each row's last valid turn; V_high at the last turn t ≤ last with a SWITCH, or
+    at turn 0 (which always opens a segment, SWITCH or not)."""
+    d = random_batch(6, 9, seed, torch.float64)
+    boundary = d["boundary"].clone()
+    boundary[:, 0] = False  # the rule must not depend on turn 0's flag
+    got_low, got_high = self_bootstrap(d["v_low"], d["v_high"], boundary, d["mask"])
+    for b in range(6):
+        last = int(d["mask"][b].sum()) - 1
+        start = max([t for t in range(1, last + 1) if boundary[b, t]], default=0)
+        assert got_low[b] == d["v_low"][b, last] and got_high[b] == d["v_high"][b, start]
