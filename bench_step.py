@@ -96,7 +96,7 @@ def main():
           f"{a.prompt}+{a.response} tokens, micro-batch 16")
     print(f"{'phase':<34} {'s':>8} {'tokens/s':>10}")
     for name, t, n in [(f"generate ({a.gen_batch} x {a.gen_tokens} new, HF)", t_gen, gen_tokens),
-                       ("score + advantages (old+ref logp, values, HAE)", t_prep, 3 * train_tokens),
+                       ("score + advantages (HAE)", t_prep, 3 * train_tokens),
                        ("  of which token_spans (CPU)", t_span, a.turns * a.response),
                        ("critic update (fwd+bwd+AdamW)", t_crit, train_tokens),
                        ("actor update (fwd+bwd+AdamW)", t_act, train_tokens)]:
