@@ -228,19 +228,33 @@ def _stage_subgoal(action):
 STAGE_END = ("take", "clean", "heat", "cool", "use", "move")  # the verbs that end a walkthrough stage
 
 
+def _search(admissible, here):
+    """The next receptacle to look in: `open` the current one if closed, else go to the receptacle after it
+    in the (sorted) admissible list, wrapping around."""
+    if f"open {here}" in admissible:
+        return f"open {here}"
+    places = [a for a in admissible if a.startswith("go to ")]
+    return next((a for a in places if a[6:] > (here or "")), places[0])
+
+
 def plan_execute_demos(data_dir, split="train", history=2, max_steps=50):
-    """Warm-start data for the CPU demo: every game's PDDL-planner walkthrough, written as plan-execute turns.
-    The walkthrough is cut into stages, each ending at its first take/clean/heat/cool/use/move action; every
-    turn of a stage carries that stage's subgoal, SWITCH on its first turn and KEEP after. Returns one list of
-    (prompt, response) pairs per game, the prompts exactly as a rollout renders them."""
+    """Warm-start data for the CPU demo: every game's walkthrough as plan-execute turns. The PDDL planner knows
+    where objects are; where it heads for one to take or use, the walkthrough searches instead (`_search`).
+    Stages end at their first take/clean/heat/cool/use/move action; every turn of a stage carries its subgoal,
+    SWITCH on its first turn, KEEP after. Returns (prompt, response) pairs per game, prompts as a rollout's."""
     env = ALFWorldEnv(split, data_dir=data_dir, expert=True, max_steps=max_steps)
     demos = []
     for g in range(len(env.game_files)):
         obs, info = env.reset(g)
-        steps, won = [], False
+        steps, won, here = [], False, None
         while not won and len(steps) < max_steps and info["expert_action"]:
-            steps.append((obs, info, info["expert_action"]))
-            obs, _, won, _, info = env.step(info["expert_action"])
+            action = info["expert_action"]
+            goal = next((a for a in env.state["policy_commands"] if a.split(" ")[0] not in ("go", "open")), "")
+            if action.startswith("go to ") and goal.split(" ")[0] in ("take", "use"):  # the planner's shortcut
+                action = _search(info["admissible_actions"], here)
+            here = action[6:] if action.startswith("go to ") else here
+            steps.append((obs, info, action))
+            obs, _, won, _, info = env.step(action)
         if not won:
             continue
         subgoals, stage = [None] * len(steps), []
@@ -284,7 +298,7 @@ def _sample_game(rng, task_type, split, max_receptacles, n_distractors):
     from alfworld.gen import goal_library
     layouts = os.path.join(os.path.dirname(C.__file__), "layouts")
     # valid_unseen: the last five rooms of each room type, which the other splits never use
-    rooms = [n for room in C.GOALS_VALID[task_type] for n in _ROOMS[room] if (n % 100 > 25) == (split == "valid_unseen")]
+    rooms = [n for room in sorted(C.GOALS_VALID[task_type]) for n in _ROOMS[room] if (n % 100 > 25) == (split == "valid_unseen")]
     floor_plan = rng.choice(rooms)
     with open(os.path.join(layouts, f"FloorPlan{floor_plan}-objects.json")) as f:
         classes = set(json.load(f))
@@ -371,8 +385,7 @@ def _sample_game(rng, task_type, split, max_receptacles, n_distractors):
     task = template.format(obj=obj.lower(), recep=parent.lower(), toggle=toggle.lower(), mrecep="")
     traj = dict(task_type=task_type, pddl_params=params, scene=dict(floor_plan=f"FloorPlan{floor_plan}"),
                 task_desc=task)
-    name = f"{task_type}-{obj}-None-{parent or toggle}-{floor_plan}"
-    return name, problem, traj
+    return f"{task_type}-{obj}-None-{parent or toggle}-{floor_plan}", problem, traj
 
 
 def generate_alfworld_games(out_dir, per_task_type, seed, split="train", task_types=ALFWORLD_TASK_TYPES,
@@ -385,10 +398,7 @@ def generate_alfworld_games(out_dir, per_task_type, seed, split="train", task_ty
     from alfworld.agents.environment.alfred_tw_env import AlfredDemangler
     from textworld.envs.pddl import PddlEnv
     alf_data = os.path.join(os.path.dirname(__import__("alfworld").__file__), "data")
-    with open(os.path.join(alf_data, "alfred.pddl")) as f:
-        domain = f.read()
-    with open(os.path.join(alf_data, "alfred.twl2")) as f:
-        grammar = f.read()
+    domain, grammar = (open(os.path.join(alf_data, name)).read() for name in ("alfred.pddl", "alfred.twl2"))
     _install_sas_cache()
     written = []
     for task_type in task_types:
@@ -445,11 +455,9 @@ class WebShopEnv:
     def __init__(self, split="train", seed=0, max_steps=50, data_dir=None, engine=None, **engine_kwargs):
         self.engine = engine(**engine_kwargs) if engine else _webshop_engine(data_dir, **engine_kwargs)
         n = len(self.engine.server.goals)
+        self.goals = list(range(WEBSHOP_N_EVAL_GOALS, n) if split == "train" else range(min(WEBSHOP_N_EVAL_GOALS, n)))
         if split == "train":
-            self.goals = list(range(WEBSHOP_N_EVAL_GOALS, n))
             random.Random(seed).shuffle(self.goals)
-        else:
-            self.goals = list(range(min(WEBSHOP_N_EVAL_GOALS, n)))
         self.max_steps, self.next_goal = max_steps, 0
 
     def reset(self, goal_index=None):
@@ -517,13 +525,11 @@ class EnvPool:
     def __init__(self, name, n, workers, seed=0, **options):
         self.n, self.shards = n, [range(w * n // workers, (w + 1) * n // workers) for w in range(min(workers, n))]
         ctx = mp.get_context("fork")
-        self.procs, self.conns = [], []
-        for shard in self.shards:
-            parent, child = ctx.Pipe()
-            proc = ctx.Process(target=_worker, args=(child, name, [seed + i for i in shard], options), daemon=True)
+        self.conns, children = zip(*[ctx.Pipe() for _ in self.shards])
+        self.procs = [ctx.Process(target=_worker, args=(child, name, [seed + i for i in shard], options), daemon=True)
+                      for child, shard in zip(children, self.shards)]
+        for proc in self.procs:
             proc.start()
-            self.procs.append(proc)
-            self.conns.append(parent)
         self._gather()
 
     def _gather(self):

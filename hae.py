@@ -53,10 +53,10 @@ def _shift(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([x[1:], torch.zeros_like(x[:1])])
 
 
-def _starts(boundary: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """b_k on turn-major [T, B] flags: boundary turns of the valid prefix; a row's first turn always opens one."""
+def segment_starts(boundary: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """b_k as [B, T] flags: boundary turns of the valid prefix; a row's first turn always opens one."""
     start = mask & boundary
-    start[0] = mask[0]  # b_0 = 0
+    start[:, 0] = mask[:, 0]  # b_0 = 0
     return start
 
 
@@ -64,7 +64,7 @@ def self_bootstrap(values_low, values_high, boundary, mask):
     """§5 `bootstrap_truncated`: the pair (V_low at a row's last valid turn, V_high at its last segment's
     start), [B] each, for `hae(..., bootstrap=pair)` on rows that end truncated."""
     last = (mask.sum(1) - 1).clamp(min=0)
-    seg = torch.where(_starts(boundary.t(), mask.t()).t(), torch.arange(mask.shape[1], device=mask.device), 0).amax(1)
+    seg = torch.where(segment_starts(boundary, mask), torch.arange(mask.shape[1], device=mask.device), 0).amax(1)
     return values_low.gather(1, last[:, None])[:, 0], values_high.gather(1, seg[:, None])[:, 0]
 
 
@@ -79,7 +79,7 @@ def _segments(rewards, values_high, boundary, done, mask, bootstrap):
     m = mask.to(rewards.dtype)
     r = torch.where(mask, rewards.t(), 0.0)
     v_high = torch.where(mask, values_high.t(), 0.0)
-    start = _starts(boundary, mask)
+    start = segment_starts(boundary.t(), mask.t()).t()  # turn-major
     last = mask & ~_shift(mask)  # a row's last valid turn
     seg_end = mask & (last | _shift(start))  # e_k = b_{k+1} − 1, or the last turn
     inner = m - seg_end.to(m.dtype)  # 1 where the carry continues inside the segment

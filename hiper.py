@@ -26,7 +26,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from tqdm import tqdm
 
 import envs
-from hae import hae, normalize, self_bootstrap, term_advantage
+from hae import hae, normalize, segment_starts, self_bootstrap, term_advantage
 
 
 @dataclass
@@ -497,8 +497,7 @@ def advantages(cfg, trajs):
     adv_term, ret_term = term_advantage(r, v_term, v_high, boundary, done, mask, boot, gamma=cfg.gamma)
     has = lambda key: torch.tensor([[any(trajs[b][t]["masks"][key]) if t < len(trajs[b]) else False  # noqa: E731
                                      for t in range(T)] for b in range(B)])
-    start = boundary.clone()
-    start[:, 0] = mask[:, 0]
+    start = segment_starts(boundary, mask)
     # §5 step 5: normalise each level over its own turns, after the returns were formed
     a_low = normalize(out.adv_low, mask & has("action"))
     a_high = normalize(out.adv_high, start & mask & has("subgoal"))
@@ -678,10 +677,9 @@ def init_model_path(cfg):
 
 
 def peak_memory_gb():
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2 ** 30
     import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+    return torch.cuda.max_memory_allocated() / 2 ** 30 if torch.cuda.is_available() else \
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
 
 
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)  # consolidated: resumes on any world size

@@ -170,16 +170,29 @@ def test_stage_subgoals(action, subgoal):
     assert envs._stage_subgoal(action) == subgoal
 
 
+def test_search_opens_then_walks_the_sorted_list_round():
+    admissible = ["go to cabinet 1", "go to drawer 1", "go to fridge 1", "help", "inventory", "look"]
+    assert envs._search(admissible, None) == "go to cabinet 1"  # nowhere yet: the first receptacle
+    assert envs._search(admissible + ["open desk 1"], "desk 1") == "open desk 1"  # closed: look inside first
+    assert envs._search(admissible, "desk 1") == "go to drawer 1"  # the next one after "desk 1"
+    assert envs._search(admissible, "garbagecan 1") == "go to cabinet 1"  # past the last: wrap around
+
+
 def test_plan_execute_demos_replay_and_follow_the_format(alf_data):
     """Every demo's actions, sent to the real engine, win the game; every response parses valid; SWITCH
-    exactly where the stage subgoal changes, KEEP copies it; prompts show the previous turn's subgoal."""
+    exactly where the stage subgoal changes, KEEP copies it; prompts show the previous turn's subgoal. The
+    first stage searches: it visits receptacles in the listed order, not straight where the planner knows."""
     demos = envs.plan_execute_demos(alf_data, "train")
     assert len(demos) == 6
     env = envs.ALFWorldEnv("train", data_dir=alf_data)
     for g, pairs in enumerate(demos):
-        env.reset(g)
+        _, info = env.reset(g)
         parsed = [envs.parse_response(r) for _, r in pairs]
         assert all(valid for *_, valid in parsed)
+        end = next(t for t, (*_, a, _) in enumerate(parsed) if a.split(" ")[0] in envs.STAGE_END)
+        first = [a[6:] for *_, a, _ in parsed[:end] if a.startswith("go to ")]
+        listed = [a[6:] for a in info["admissible_actions"] if a.startswith("go to ")]
+        assert first == listed[:len(first)]
         for t, ((switch, subgoal, action, _), (prompt, _)) in enumerate(zip(parsed, pairs)):
             previous = parsed[t - 1][1] if t else "None"
             assert f"Your current subgoal is: {previous}\n" in prompt
