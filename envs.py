@@ -25,10 +25,8 @@ WEBSHOP_N_EVAL_GOALS = 500  # goal indices 0–499 are held out for evaluation (
 
 def make(name, split="train", seed=0, **options):
     """Build one environment by name: "alfworld" or "webshop"."""
-    if name == "alfworld":
-        return ALFWorldEnv(split=split, seed=seed, **options)
-    if name == "webshop":
-        return WebShopEnv(split=split, seed=seed, **options)
+    if name in ("alfworld", "webshop"):
+        return (ALFWorldEnv if name == "alfworld" else WebShopEnv)(split=split, seed=seed, **options)
     raise ValueError(f"unknown environment {name!r}: expected 'alfworld' or 'webshop'")
 
 
@@ -398,7 +396,8 @@ def generate_alfworld_games(out_dir, per_task_type, seed, split="train", task_ty
     from alfworld.agents.environment.alfred_tw_env import AlfredDemangler
     from textworld.envs.pddl import PddlEnv
     alf_data = os.path.join(os.path.dirname(__import__("alfworld").__file__), "data")
-    domain, grammar = (open(os.path.join(alf_data, name)).read() for name in ("alfred.pddl", "alfred.twl2"))
+    with open(os.path.join(alf_data, "alfred.pddl")) as f, open(os.path.join(alf_data, "alfred.twl2")) as g:
+        domain, grammar = f.read(), g.read()
     _install_sas_cache()
     written = []
     for task_type in task_types:
