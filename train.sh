@@ -42,7 +42,7 @@ case "$preset" in
       for adv in hae gae grpo; do
         run=$root/$adv-s$seed
         [ -f $run/curve.png ] || { python hiper.py "${DEMO[@]}" --model $root/warm/warm-start --run_dir $run \
-          --adv $adv --seed $seed --iters 10 --eval_every 10 "$@" && python report.py $run; }
+          --adv $adv --seed $seed --iters 8 --eval_every 8 "$@" && python report.py $run; }
       done
     done
     python report.py --compare $root results ;;
