@@ -75,11 +75,11 @@ def _segments(rewards, values_high, boundary, done, mask, bootstrap):
     """
     if mask is None:
         mask = torch.ones_like(boundary, dtype=torch.bool)
-    mask, boundary, done = mask.t().contiguous(), boundary.t(), done.t()  # [T, B]
+    start = segment_starts(boundary, mask).t()  # b_k, turn-major
+    mask, done = mask.t().contiguous(), done.t()  # [T, B]
     m = mask.to(rewards.dtype)
     r = torch.where(mask, rewards.t(), 0.0)
     v_high = torch.where(mask, values_high.t(), 0.0)
-    start = segment_starts(boundary.t(), mask.t()).t()  # turn-major
     last = mask & ~_shift(mask)  # a row's last valid turn
     seg_end = mask & (last | _shift(start))  # e_k = b_{k+1} − 1, or the last turn
     inner = m - seg_end.to(m.dtype)  # 1 where the carry continues inside the segment

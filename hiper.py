@@ -500,7 +500,7 @@ def advantages(cfg, trajs):
     start = segment_starts(boundary, mask)
     # §5 step 5: normalise each level over its own turns, after the returns were formed
     a_low = normalize(out.adv_low, mask & has("action"))
-    a_high = normalize(out.adv_high, start & mask & has("subgoal"))
+    a_high = normalize(out.adv_high, start & has("subgoal"))  # segment_starts is within the mask
     a_term = normalize(adv_term, mask & has("switch"))
     flat = cfg.adv == "gae"
     for s in samples:
