@@ -15,7 +15,6 @@ import math
 import os
 import random
 import time
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -29,7 +28,7 @@ import envs
 from hae import hae, normalize, segment_starts, self_bootstrap, term_advantage
 
 
-@dataclass
+@dataclasses.dataclass
 class Config:
     env: str = "alfworld"  # environment (§11)
     model: str = "Qwen/Qwen2.5-1.5B-Instruct"  # actor and critic checkpoint (§9)
@@ -40,7 +39,7 @@ class Config:
     seed: int = 6  # env seed; validation envs use seed + 1000 (§9)
     iters: int = 150  # training iterations (§9)
     sft_epochs: int = 0  # CPU demo: supervised warm start on planner walkthroughs before RL (0 = none)
-    sft_lr: float = 2e-3  # warm-start learning rate
+    sft_lr: float = 3e-3  # warm-start learning rate at the start, decaying linearly to 0
     sft_batch: int = 4  # warm-start turns per optimizer step
     n_envs: int = 128  # rollout batch: environments per iteration (§9)
     env_workers: int = 2  # processes stepping the environments
@@ -588,10 +587,12 @@ def update(cfg, model, opt, samples, loss_fn, pad_id, rng):
 
 def warm_start(cfg, policy, tok, demos):
     """CPU demo: supervised fine-tuning on plan-execute walkthroughs (envs.plan_execute_demos), maximising
-    log π(response | prompt) token-mean, `cfg.sft_epochs` passes in batches of `cfg.sft_batch` turns."""
+    log π(response | prompt) token-mean, `cfg.sft_epochs` passes in batches of `cfg.sft_batch` turns, the learning
+    rate falling linearly from `cfg.sft_lr` to 0."""
     samples = [dict(prompt=tok(chat(tok, p)).input_ids, response=tok(r).input_ids + [tok.eos_token_id])
                for game in demos for p, r in game]
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.sft_lr, weight_decay=cfg.weight_decay)
+    decay = torch.optim.lr_scheduler.LinearLR(opt, 1.0, 0.0, cfg.sft_epochs * math.ceil(len(samples) / cfg.sft_batch))
     rng = random.Random(cfg.seed)
     policy.train()
     bar = tqdm(range(cfg.sft_epochs), desc="warm start")
@@ -606,6 +607,7 @@ def warm_start(cfg, policy, tok, demos):
             loss.backward()
             torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
             opt.step()
+            decay.step()
         bar.set_postfix(nll=f"{loss.item():.3f}")
 
 
