@@ -130,8 +130,7 @@ def alfworld_game_files(data_dir, split, task_types=ALFWORLD_TASK_TYPES):
     data_dir = os.path.expanduser(data_dir or os.environ.get("ALFWORLD_DATA", "~/.cache/alfworld"))
     root = os.path.join(data_dir, "json_2.1.1", split)
     if not os.path.isdir(root):
-        raise FileNotFoundError(
-            f"ALFWorld data not found: looked for {root}. Get the released games with "
+        raise FileNotFoundError(f"ALFWorld data not found: looked for {root}. Get the released games with "
             f"`pip install alfworld && ALFWORLD_DATA={data_dir} alfworld-download`, or generate offline ones "
             f"with `python -c \"import envs; envs.generate_alfworld_games('{data_dir}', 5, 0, split='{split}')\"`.")
     files = []
