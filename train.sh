@@ -22,10 +22,15 @@ DEMO=(--data_dir "$DATA" --history 1 --max_turns 20 --max_new_tokens 40 --n_envs
 SFT=(--sft_epochs 8 --sft_lr 3e-3 --sft_batch 4)  # 8 epochs: ~7 of the 20 minutes (measured 7 min 3 s)
 
 games() {  # generated ALFWorld games, small rooms (5 receptacles, no distractors): 20 per task type to train
-           # on, 5 per type in each held-out split
-  [ -d "$DATA/json_2.1.1/valid_unseen" ] || python -c "import envs
+           # on, 5 per type in each held-out split; two processes, three task types each (each type has its own seed)
+  [ -f "$DATA/generated" ] && return
+  local pids=()
+  for half in 0 1; do python -c "import envs
 for split, n in (('train', 20), ('valid_seen', 5), ('valid_unseen', 5)):
-    envs.generate_alfworld_games('$DATA', n, seed=0, split=split, max_receptacles=5, n_distractors=0)"
+    envs.generate_alfworld_games('$DATA', n, seed=0, split=split, task_types=envs.ALFWORLD_TASK_TYPES[$half::2],
+                                 max_receptacles=5, n_distractors=0)" & pids+=($!); done
+  for pid in "${pids[@]}"; do wait "$pid"; done  # set -e: a failed generation stops here
+  touch "$DATA/generated"
 }
 
 case "$preset" in
