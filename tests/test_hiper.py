@@ -4,6 +4,7 @@ import os
 
 import pytest
 import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import envs
 import hiper
@@ -257,3 +258,19 @@ def test_warm_start_imitates_the_demonstrations(tmp_path):
     hiper.warm_start(hiper.Config(sft_epochs=60, sft_lr=3e-3, sft_batch=2), policy, tok, demos)
     after = [tok.decode(r, skip_special_tokens=True) for _, r in hiper.generate(policy, tok, prompts, 40, 0.0)]
     assert after == [r for _, r in demos[0]] and before != after
+
+
+def test_warm_start_learning_rate_falls_linearly_to_zero(tmp_path):
+    """3 turns in batches of 2 for 3 epochs = 6 steps; step k runs at sft_lr·(1 − k/6), the last one above 0."""
+    demos = [[(f"Task: find a mug. Step {k}.", "<switch>KEEP</switch><subgoal>find</subgoal><action>look</action>")
+              for k in range(3)]]
+    path = str(tmp_path / "tiny")
+    hiper.build_tiny(path, [p + r for p, r in demos[0]] * 5)
+    tok, policy, _, _ = hiper.load_models(path, path)
+    lrs = []
+    hook = register_optimizer_step_pre_hook(lambda opt, *_: lrs.append(opt.param_groups[0]["lr"]))
+    try:
+        hiper.warm_start(hiper.Config(sft_epochs=3, sft_lr=1e-3, sft_batch=2), policy, tok, demos)
+    finally:
+        hook.remove()
+    assert lrs == pytest.approx([1e-3 * (1 - k / 6) for k in range(6)])
