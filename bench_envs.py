@@ -7,6 +7,7 @@ import random
 import tempfile
 import time
 
+import demo
 import envs
 
 
@@ -27,7 +28,7 @@ def main():
     p.add_argument("--steps", type=int, default=20)
     a = p.parse_args()
     data = tempfile.mkdtemp()
-    envs.generate_alfworld_games(data, 2, seed=0)  # full-size rooms
+    demo.generate_alfworld_games(data, 2, seed=0)  # full-size rooms
     serial = [envs.make("alfworld", seed=i, data_dir=data, max_steps=10 ** 6) for i in range(a.n)]
     s = run(lambda acts: [e.step(x) for e, x in zip(serial, acts)], lambda: [e.reset() for e in serial], a.n, a.steps)
     pool = envs.EnvPool("alfworld", a.n, a.workers, data_dir=data, max_steps=10 ** 6)

@@ -12,6 +12,7 @@ import time
 
 import torch
 
+import demo
 import envs
 import hiper
 
@@ -45,7 +46,7 @@ def main():
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
     path = tempfile.mkdtemp()
-    hiper.build_tiny(path, [envs.FORMAT_RULES, envs.SUBGOAL_RULES] * 10)  # tokenizer (and a tiny model)
+    demo.build_tiny(path, [envs.FORMAT_RULES, envs.SUBGOAL_RULES] * 10)  # tokenizer (and a tiny model)
     if a.size != "tiny":
         hidden, inter, layers, heads, kv, vocab = SHAPES[a.size]
         tok = AutoTokenizer.from_pretrained(path)

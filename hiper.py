@@ -4,7 +4,7 @@ One iteration, top to bottom: rollout (prompt → generate → parse → env ste
 values at their response positions (§7) → HAE (§5, hae.py) → critic update → actor update.
 
     python hiper.py --env alfworld --model Qwen/Qwen2.5-1.5B-Instruct
-    python hiper.py --tiny --data_dir data/alfworld --iters 2          # offline CPU run, tiny model
+    python hiper.py --model runs/demo/warm-start --data_dir data/alfworld --iters 2   # a checkpoint demo.py built
 """
 import argparse
 import contextlib
@@ -33,14 +33,10 @@ class Config:
     env: str = "alfworld"  # environment (§11)
     model: str = "Qwen/Qwen2.5-1.5B-Instruct"  # actor and critic checkpoint (§9)
     device: str = ""  # cuda when available, else cpu
-    tiny: bool = False  # build a tiny Qwen2 + BPE tokenizer offline instead of loading `model`
     data_dir: str = ""  # ALFWorld: ALFWORLD_DATA root (empty: $ALFWORLD_DATA); WebShop: checkout (empty: $WEBSHOP_PATH)
     run_dir: str = "runs/hiper"  # config.json, metrics.jsonl, checkpoint/ (not --run: torchrun owns that prefix)
     seed: int = 6  # env seed; validation envs use seed + 1000 (§9)
     iters: int = 150  # training iterations (§9)
-    sft_epochs: int = 0  # CPU demo: supervised warm start on planner walkthroughs before RL (0 = none)
-    sft_lr: float = 3e-3  # warm-start learning rate at the start, decaying linearly to 0
-    sft_batch: int = 4  # warm-start turns per optimizer step
     n_envs: int = 128  # rollout batch: environments per iteration (§9)
     env_workers: int = 2  # processes stepping the environments
     max_turns: int = 50  # episode cap (§9)
@@ -116,28 +112,6 @@ class Critic(torch.nn.Module):
             return self.head(hidden).float()  # [N, L, 3]
 
 
-def build_tiny(path, texts, seed=0):
-    """A tiny Qwen2 policy and a byte-level BPE tokenizer with a ChatML template, made offline."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=2048, special_tokens=special,
-                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                  padding_side="left")
-    tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-                         "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-    torch.manual_seed(seed)
-    cfg = Qwen2Config(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=4,
-                      num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=4096,
-                      tie_word_embeddings=True, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    Qwen2ForCausalLM(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-
-
 def load_models(policy_path, init_path, device="cpu", grad_checkpointing=False):
     """Tokenizer, policy, frozen reference (the initial policy, §9) and critic (a copy of the initial LM).
     Trained weights stay fp32 (forwards run under bf16 autocast on GPU); the reference is bf16 on GPU."""
@@ -205,8 +179,8 @@ def unsharded(model):
 
 def share(items):
     """This rank's contiguous share of a list (all of it in a single process)."""
-    rank, ws = world()
-    return items[rank * len(items) // ws:(rank + 1) * len(items) // ws]
+    mine = envs.shares(len(items), world()[1])[world()[0]]
+    return items[mine.start:mine.stop]
 
 
 def gather(items):
@@ -585,32 +559,6 @@ def update(cfg, model, opt, samples, loss_fn, pad_id, rng):
     return total / (cfg.ppo_epochs * math.ceil(len(samples) / cfg.minibatch))
 
 
-def warm_start(cfg, policy, tok, demos):
-    """CPU demo: supervised fine-tuning on plan-execute walkthroughs (envs.plan_execute_demos), maximising
-    log π(response | prompt) token-mean, `cfg.sft_epochs` passes in batches of `cfg.sft_batch` turns, the learning
-    rate falling linearly from `cfg.sft_lr` to 0."""
-    samples = [dict(prompt=tok(chat(tok, p)).input_ids, response=tok(r).input_ids + [tok.eos_token_id])
-               for game in demos for p, r in game]
-    opt = torch.optim.AdamW(policy.parameters(), lr=cfg.sft_lr, weight_decay=cfg.weight_decay)
-    decay = torch.optim.lr_scheduler.LinearLR(opt, 1.0, 0.0, cfg.sft_epochs * math.ceil(len(samples) / cfg.sft_batch))
-    rng = random.Random(cfg.seed)
-    policy.train()
-    bar = tqdm(range(cfg.sft_epochs), desc="warm start")
-    for _ in bar:
-        rng.shuffle(samples)
-        for k in range(0, len(samples), cfg.sft_batch):
-            mb = samples[k:k + cfg.sft_batch]
-            logp = response_logprobs(policy, mb, tok.pad_token_id)
-            m = torch.stack([torch.arange(logp.shape[1], device=logp.device) < len(s["response"]) for s in mb])
-            loss = -(logp * m).sum() / m.sum()
-            opt.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
-            opt.step()
-            decay.step()
-        bar.set_postfix(nll=f"{loss.item():.3f}")
-
-
 # ---- evaluation ----
 
 def evaluate(cfg, policy, tok, split, engine=None):
@@ -655,33 +603,12 @@ def success_by_type(trajs):
 
 # ---- main ----
 
-def init_model_path(cfg):
-    """The initial checkpoint: `cfg.model`, or with --tiny a tiny model built once under the run folder; with
-    --sft_epochs, that model after the supervised warm start, also built once (so --resume reuses it)."""
-    path = os.path.join(cfg.run_dir, "tiny-init") if cfg.tiny else cfg.model
-    warm = os.path.join(cfg.run_dir, "warm-start")
-    build_warm = cfg.sft_epochs and not os.path.isdir(warm)
-    if world()[0] == 0:  # torchrun: rank 0 builds, the others wait at the barrier
-        demos = envs.plan_execute_demos(cfg.data_dir, "train", cfg.history, cfg.max_turns) if build_warm else []
-        if cfg.tiny and not os.path.isdir(path):
-            files = envs.alfworld_game_files(cfg.data_dir, "train")
-            texts = [json.load(open(f))["grammar"] for f in files] + [envs.FORMAT_RULES, envs.SUBGOAL_RULES]
-            build_tiny(path, texts + [p + r for game in demos for p, r in game], cfg.seed)
-        if build_warm:
-            from transformers import AutoModelForCausalLM, AutoTokenizer
-            tok, policy = AutoTokenizer.from_pretrained(path), AutoModelForCausalLM.from_pretrained(path)
-            warm_start(cfg, policy, tok, demos)
-            policy.save_pretrained(warm)
-            tok.save_pretrained(warm)
-    if dist.is_initialized():
-        dist.barrier()
-    return warm if cfg.sft_epochs else path
-
-
 def peak_memory_gb():
+    """Peak GPU memory allocated, or the process's peak RSS on CPU, in GiB."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2 ** 30
     import resource
-    return torch.cuda.max_memory_allocated() / 2 ** 30 if torch.cuda.is_available() else \
-        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
 
 
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)  # consolidated: resumes on any world size
@@ -715,15 +642,14 @@ def train(cfg, device):
     rank, ws = world()
     os.makedirs(cfg.run_dir, exist_ok=True)
     ckpt = os.path.join(cfg.run_dir, "checkpoint")
-    init_path = init_model_path(cfg)
     resume = cfg.resume and os.path.isdir(ckpt)
-    tok, policy, ref, critic = load_models(cfg.checkpoint or (os.path.join(ckpt, "policy") if resume else init_path),
-                                           init_path, device, cfg.grad_checkpointing)
+    tok, policy, ref, critic = load_models(cfg.checkpoint or (os.path.join(ckpt, "policy") if resume else cfg.model),
+                                           cfg.model, device, cfg.grad_checkpointing)
     if resume:
         state = torch.load(os.path.join(ckpt, "state.pt"), weights_only=False)
         critic.load_state_dict(state["critic"])
     shard(policy, ref, critic)
-    engine = vllm_engine(cfg, init_path, device) if cfg.backend == "vllm" else None
+    engine = vllm_engine(cfg, cfg.model, device) if cfg.backend == "vllm" else None
     if cfg.eval_only:
         line = validate(cfg, policy, tok, 0, engine)
         if rank == 0:

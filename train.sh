@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Presets for hiper.py. Extra arguments pass through to hiper.py (--name value overrides any field).
-#   bash train.sh            offline CPU demo: generated ALFWorld games, a tiny model built locally, a supervised
-#                            warm start on planner walkthroughs, then HiPER; prints before/after, writes runs/demo/
+#   bash train.sh            offline CPU demo: demo.py generates ALFWorld games, builds a tiny model and its supervised
+#                            warm start on walkthroughs; then hiper.py trains it; prints before/after, writes runs/demo/
 #   bash train.sh compare    CPU: HiPER vs flat PPO-GAE vs GRPO from one warm start, 3 seeds → results/
 #   bash train.sh alfworld   paper settings, ALFWorld (κ = −0.3, bootstrap_truncated on), vLLM; MODEL=... for 7B
 #   bash train.sh webshop    paper settings, WebShop (κ = −3.5, bootstrap_truncated off), vLLM; needs WEBSHOP_PATH
-# RUN=dir changes the run folder. NGPUS=n (GPUs per node) and NNODES=m (run the same command on every node, with
-# MASTER_ADDR set to the first node) launch the GPU presets with torchrun: one process per GPU, FSDP2.
+# RUN=dir changes the run folder; SFT_EPOCHS=n the demo's warm-start epochs. NGPUS=n (GPUs per node) and NNODES=m
+# (run the same command on every node, with MASTER_ADDR set to the first node) launch the GPU presets with torchrun:
+# one process per GPU, FSDP2.
 set -euo pipefail
 cd "$(dirname "$0")"
 preset=${1:-demo}
@@ -18,36 +19,24 @@ LAUNCH=(python)
 DATA=data/alfworld
 # the CPU demo's settings: short episodes, one history record, a 0.7M-parameter model, lr for its size
 DEMO=(--data_dir "$DATA" --history 1 --max_turns 20 --max_new_tokens 40 --n_envs 16 --minibatch 64
-      --microbatch 16 --actor_lr 5e-4 --critic_lr 5e-4 --save_every 5)
-SFT=(--sft_epochs 8 --sft_lr 3e-3 --sft_batch 4)  # 8 epochs: ~7 of the 20 minutes (measured 6 min 48 s)
-
-games() {  # generated ALFWorld games, small rooms (5 receptacles, no distractors): 20 per task type to train
-           # on, 5 per type in each held-out split; two processes, three task types each (each type has its own seed)
-  [ -f "$DATA/generated" ] && return
-  local pids=()
-  for half in 0 1; do python -c "import envs
-for split, n in (('train', 20), ('valid_seen', 5), ('valid_unseen', 5)):
-    envs.generate_alfworld_games('$DATA', n, seed=0, split=split, task_types=envs.ALFWORLD_TASK_TYPES[$half::2],
-                                 max_receptacles=5, n_distractors=0)" & pids+=($!); done
-  for pid in "${pids[@]}"; do wait "$pid"; done  # set -e: a failed generation stops here
-  touch "$DATA/generated"
-}
+      --microbatch 16 --actor_lr 5e-4 --critic_lr 5e-4 --save_every 5 --iters 8 --eval_every 8)
+# demo.py: the games (once), a tiny model, and its supervised warm start (8 epochs: ~7 of the 20 minutes)
+KIT=(--data_dir "$DATA" --history 1 --max_turns 20 --sft_epochs "${SFT_EPOCHS:-8}")
 
 case "$preset" in
   demo)
-    games
     run=${RUN:-runs/demo}
-    python hiper.py --tiny "${DEMO[@]}" "${SFT[@]}" --run_dir "$run" --iters 8 --eval_every 8 "$@"
+    python demo.py "${KIT[@]}" --run_dir "$run"
+    python hiper.py "${DEMO[@]}" --model "$run/warm-start" --run_dir "$run" "$@"
     python report.py "$run" ;;
   compare)
-    games
     root=${RUN:-runs/compare}
-    python hiper.py --tiny "${DEMO[@]}" "${SFT[@]}" --run_dir $root/warm --iters 0
+    python demo.py "${KIT[@]}" --run_dir $root/warm
     for seed in 1 2 3; do
       for adv in hae gae grpo; do
         run=$root/$adv-s$seed
         [ -f $run/curve.png ] || { python hiper.py "${DEMO[@]}" --model $root/warm/warm-start --run_dir $run \
-          --adv $adv --seed $seed --iters 8 --eval_every 8 "$@" && python report.py $run; }
+          --adv $adv --seed $seed "$@" && python report.py $run; }
       done
     done
     python report.py --compare $root results ;;

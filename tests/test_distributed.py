@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+import demo
 import envs
 import hiper
 
@@ -70,7 +71,7 @@ def worker(rank, ws, port, path, out):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     d = tmp_path_factory.mktemp("dist")
-    hiper.build_tiny(str(d / "tiny"), TEXTS * 5)
+    demo.build_tiny(str(d / "tiny"), TEXTS * 5)
     for ws in (1, 2):
         mp.spawn(worker, args=(ws, free_port(), str(d / "tiny"), str(d / f"ws{ws}.pt")), nprocs=ws)
     return [torch.load(d / f"ws{ws}.pt", weights_only=False) for ws in (1, 2)]
@@ -96,17 +97,18 @@ def test_two_processes_give_the_same_losses_and_weights_as_one(runs):
 
 def test_checkpoint_of_two_processes_resumes_in_one(tmp_path):
     data = str(tmp_path / "alf")
-    envs.generate_alfworld_games(data, 1, seed=1, split="train", max_receptacles=6, n_distractors=2)
+    demo.generate_alfworld_games(data, 1, seed=1, split="train", max_receptacles=6, n_distractors=2)
     run = str(tmp_path / "run")
-    args = ["--tiny", "--data_dir", data, "--n_envs", "4", "--max_turns", "3", "--max_new_tokens", "24",
-            "--eval_every", "0", "--minibatch", "8", "--microbatch", "2", "--env_workers", "1", "--save_every", "1",
-            "--actor_lr", "1e-3", "--critic_lr", "1e-3", "--run_dir", run]
+    demo.build_tiny(str(tmp_path / "tiny"), demo.game_texts(data), seed=6)
+    args = ["--model", str(tmp_path / "tiny"), "--data_dir", data, "--n_envs", "4", "--max_turns", "3",
+            "--max_new_tokens", "24", "--eval_every", "0", "--minibatch", "8", "--microbatch", "2",
+            "--env_workers", "1", "--save_every", "1", "--actor_lr", "1e-3", "--critic_lr", "1e-3", "--run_dir", run]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                     str(free_port()), "hiper.py", *args, "--iters", "1"], cwd=ROOT, env=env, check=True)
     saved = torch.load(os.path.join(run, "checkpoint", "state.pt"), weights_only=False)
     assert saved["iteration"] == 1 and json.load(open(os.path.join(run, "config.json")))["world_size"] == 2
-    tok, policy, ref, critic = hiper.load_models(os.path.join(run, "checkpoint", "policy"), os.path.join(run, "tiny-init"))
+    tok, policy, ref, critic = hiper.load_models(os.path.join(run, "checkpoint", "policy"), str(tmp_path / "tiny"))
     assert {k: v.shape for k, v in critic.state_dict().items()} == {k: v.shape for k, v in saved["critic"].items()}
     opt = torch.optim.AdamW(critic.parameters())
     critic.load_state_dict(saved["critic"])

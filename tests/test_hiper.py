@@ -4,8 +4,8 @@ import os
 
 import pytest
 import torch
-from torch.optim.optimizer import register_optimizer_step_pre_hook
 
+import demo
 import envs
 import hiper
 
@@ -101,7 +101,7 @@ def test_rewards_land_on_the_right_turns():
 def tiny(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("tiny"))
     texts = [envs.FORMAT_RULES, envs.SUBGOAL_RULES, OK * 3, "go to cabinet 1, open fridge 1, take mug 2 from desk 1"]
-    hiper.build_tiny(path, texts)
+    demo.build_tiny(path, texts)
     return path, hiper.load_models(path, path)
 
 
@@ -165,10 +165,11 @@ def test_ppo_update_moves_logprobs_with_the_advantage(tiny, sign):
 
 def test_two_iterations_then_resume_equals_uninterrupted(tmp_path):
     data = str(tmp_path / "alf")
-    envs.generate_alfworld_games(data, 1, seed=1, split="train", max_receptacles=6, n_distractors=2)
-    args = ["--tiny", "--data_dir", data, "--n_envs", "3", "--max_turns", "3", "--max_new_tokens", "24",
-            "--eval_every", "0", "--minibatch", "6", "--microbatch", "3", "--env_workers", "1", "--save_every", "1",
-            "--actor_lr", "1e-3", "--critic_lr", "1e-3"]
+    demo.generate_alfworld_games(data, 1, seed=1, split="train", max_receptacles=6, n_distractors=2)
+    demo.build_tiny(str(tmp_path / "tiny"), demo.game_texts(data), seed=6)
+    args = ["--model", str(tmp_path / "tiny"), "--data_dir", data, "--n_envs", "3", "--max_turns", "3",
+            "--max_new_tokens", "24", "--eval_every", "0", "--minibatch", "6", "--microbatch", "3",
+            "--env_workers", "1", "--save_every", "1", "--actor_lr", "1e-3", "--critic_lr", "1e-3"]
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
     hiper.main(args + ["--run_dir", full, "--iters", "3"])
     hiper.main(args + ["--run_dir", part, "--iters", "2"])
@@ -242,35 +243,3 @@ def test_grpo_advantage_is_the_group_normalised_episode_return(tiny):
         torch.testing.assert_close(s["adv"][s["loss_mask"]], torch.full((int(s["loss_mask"].sum()),), e), rtol=1e-4,
                                    atol=1e-5)
         assert not s["adv"][~s["loss_mask"]].any()
-
-
-def test_warm_start_imitates_the_demonstrations(tmp_path):
-    """Supervised warm start on two plan-execute turns: greedy generation then reproduces each response."""
-    demos = [[("Task: find a mug. Actions: ['go to cabinet 1', 'go to desk 1']",
-               "<switch>SWITCH</switch><subgoal>find and take the mug</subgoal><action>go to desk 1</action>"),
-              ("Task: find a mug. You see a mug 2. Actions: ['take mug 2 from desk 1', 'go to cabinet 1']",
-               "<switch>KEEP</switch><subgoal>find and take the mug</subgoal><action>take mug 2 from desk 1</action>")]]
-    path = str(tmp_path / "tiny")
-    hiper.build_tiny(path, [p + r for p, r in demos[0]] * 5)
-    tok, policy, _, _ = hiper.load_models(path, path)
-    prompts = [p for p, _ in demos[0]]
-    before = [tok.decode(r, skip_special_tokens=True) for _, r in hiper.generate(policy, tok, prompts, 40, 0.0)]
-    hiper.warm_start(hiper.Config(sft_epochs=60, sft_lr=3e-3, sft_batch=2), policy, tok, demos)
-    after = [tok.decode(r, skip_special_tokens=True) for _, r in hiper.generate(policy, tok, prompts, 40, 0.0)]
-    assert after == [r for _, r in demos[0]] and before != after
-
-
-def test_warm_start_learning_rate_falls_linearly_to_zero(tmp_path):
-    """3 turns in batches of 2 for 3 epochs = 6 steps; step k runs at sft_lr·(1 − k/6), the last one above 0."""
-    demos = [[(f"Task: find a mug. Step {k}.", "<switch>KEEP</switch><subgoal>find</subgoal><action>look</action>")
-              for k in range(3)]]
-    path = str(tmp_path / "tiny")
-    hiper.build_tiny(path, [p + r for p, r in demos[0]] * 5)
-    tok, policy, _, _ = hiper.load_models(path, path)
-    lrs = []
-    hook = register_optimizer_step_pre_hook(lambda opt, *_: lrs.append(opt.param_groups[0]["lr"]))
-    try:
-        hiper.warm_start(hiper.Config(sft_epochs=3, sft_lr=1e-3, sft_batch=2), policy, tok, demos)
-    finally:
-        hook.remove()
-    assert lrs == pytest.approx([1e-3 * (1 - k / 6) for k in range(6)])

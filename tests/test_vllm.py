@@ -5,6 +5,7 @@ import random
 import pytest
 import torch
 
+import demo
 import hiper
 
 pytestmark = pytest.mark.vllm
@@ -26,7 +27,7 @@ def engine_logprobs(engine, samples):
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("tiny"))
-    hiper.build_tiny(path, TEXTS * 5)  # head size 32: vLLM's CPU attention needs ≥ 32
+    demo.build_tiny(path, TEXTS * 5)  # head size 32: vLLM's CPU attention needs ≥ 32
     tok, policy, _, _ = hiper.load_models(path, path)
     cfg = hiper.Config(max_prompt=512, max_new_tokens=32)
     return cfg, tok, policy, hiper.vllm_engine(cfg, path, "cpu")

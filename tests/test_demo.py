@@ -1,0 +1,100 @@
+"""demo.py, the offline kit: generated games in the released layout, walkthrough stages and search, walkthroughs
+replayed on the real engine, and the supervised warm start."""
+import json
+import os
+
+import pytest
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+import demo
+import envs
+import hiper
+
+
+def test_generated_layout_matches_release(alf_data):
+    files = envs.alfworld_game_files(alf_data, "train")
+    assert len(files) == 6
+    for f in files:
+        game = json.load(open(f))
+        assert set(game) >= {"pddl_domain", "grammar", "pddl_problem", "solvable", "walkthrough"}
+        assert game["solvable"] and "UNKNOWN GOAL" not in game["grammar"]
+        traj = json.load(open(os.path.join(os.path.dirname(f), "traj_data.json")))
+        assert set(traj["pddl_params"]) == {"object_target", "parent_target", "toggle_target", "mrecep_target",
+                                            "object_sliced"}
+        assert os.path.basename(os.path.dirname(os.path.dirname(f))).startswith(traj["task_type"])
+
+
+@pytest.mark.parametrize("action, subgoal", [
+    ("take apple 1 from countertop 2", "find and take the apple"),
+    ("clean butterknife 1 with sinkbasin 1", "clean the butterknife with the sinkbasin"),
+    ("heat bread 1 with microwave 1", "heat the bread with the microwave"),
+    ("cool bread 1 with fridge 1", "cool the bread with the fridge"),
+    ("use desklamp 1", "turn on the desklamp"),
+    ("move cellphone 2 to shelf 1", "put the cellphone in the shelf"),
+])
+def test_stage_subgoals(action, subgoal):
+    assert demo._stage_subgoal(action) == subgoal
+
+
+def test_search_opens_then_walks_the_sorted_list_round():
+    admissible = ["go to cabinet 1", "go to drawer 1", "go to fridge 1", "help", "inventory", "look"]
+    assert demo._search(admissible, None) == "go to cabinet 1"  # nowhere yet: the first receptacle
+    assert demo._search(admissible + ["open desk 1"], "desk 1") == "open desk 1"  # closed: look inside first
+    assert demo._search(admissible, "desk 1") == "go to drawer 1"  # the next one after "desk 1"
+    assert demo._search(admissible, "garbagecan 1") == "go to cabinet 1"  # past the last: wrap around
+
+
+def test_plan_execute_demos_replay_and_follow_the_format(alf_data):
+    """Every demo's actions, sent to the real engine, win the game; every response parses valid; SWITCH
+    exactly where the stage subgoal changes, KEEP copies it; prompts show the previous turn's subgoal. The
+    first stage searches: it visits receptacles in the listed order, not straight where the planner knows."""
+    demos = demo.plan_execute_demos(alf_data, "train")
+    assert len(demos) == 6
+    env = envs.ALFWorldEnv("train", data_dir=alf_data)
+    for g, pairs in enumerate(demos):
+        _, info = env.reset(g)
+        parsed = [envs.parse_response(r) for _, r in pairs]
+        assert all(valid for *_, valid in parsed)
+        end = next(t for t, (*_, a, _) in enumerate(parsed) if a.split(" ")[0] in demo.STAGE_END)
+        first = [a[6:] for *_, a, _ in parsed[:end] if a.startswith("go to ")]
+        listed = [a[6:] for a in info["admissible_actions"] if a.startswith("go to ")]
+        assert first == listed[:len(first)]
+        for t, ((switch, subgoal, action, _), (prompt, _)) in enumerate(zip(parsed, pairs)):
+            previous = parsed[t - 1][1] if t else "None"
+            assert f"Your current subgoal is: {previous}\n" in prompt
+            assert (switch == "SWITCH") == (t == 0 or subgoal != previous)
+            assert action in prompt  # admissible, listed in the prompt
+            *_, info = env.step(action)
+        assert info["won"] and parsed[-1][2].split()[0] in demo.STAGE_END
+
+
+def test_warm_start_imitates_the_demonstrations(tmp_path):
+    """Supervised warm start on two plan-execute turns: greedy generation then reproduces each response."""
+    demos = [[("Task: find a mug. Actions: ['go to cabinet 1', 'go to desk 1']",
+               "<switch>SWITCH</switch><subgoal>find and take the mug</subgoal><action>go to desk 1</action>"),
+              ("Task: find a mug. You see a mug 2. Actions: ['take mug 2 from desk 1', 'go to cabinet 1']",
+               "<switch>KEEP</switch><subgoal>find and take the mug</subgoal><action>take mug 2 from desk 1</action>")]]
+    path = str(tmp_path / "tiny")
+    demo.build_tiny(path, [p + r for p, r in demos[0]] * 5)
+    tok, policy, _, _ = hiper.load_models(path, path)
+    prompts = [p for p, _ in demos[0]]
+    before = [tok.decode(r, skip_special_tokens=True) for _, r in hiper.generate(policy, tok, prompts, 40, 0.0)]
+    demo.warm_start(policy, tok, demos, epochs=60, lr=3e-3, batch=2, seed=6)
+    after = [tok.decode(r, skip_special_tokens=True) for _, r in hiper.generate(policy, tok, prompts, 40, 0.0)]
+    assert after == [r for _, r in demos[0]] and before != after
+
+
+def test_warm_start_learning_rate_falls_linearly_to_zero(tmp_path):
+    """3 turns in batches of 2 for 3 epochs = 6 steps; step k runs at sft_lr·(1 − k/6), the last one above 0."""
+    demos = [[(f"Task: find a mug. Step {k}.", "<switch>KEEP</switch><subgoal>find</subgoal><action>look</action>")
+              for k in range(3)]]
+    path = str(tmp_path / "tiny")
+    demo.build_tiny(path, [p + r for p, r in demos[0]] * 5)
+    tok, policy, _, _ = hiper.load_models(path, path)
+    lrs = []
+    hook = register_optimizer_step_pre_hook(lambda opt, *_: lrs.append(opt.param_groups[0]["lr"]))
+    try:
+        demo.warm_start(policy, tok, demos, epochs=3, lr=1e-3, batch=2, seed=6)
+    finally:
+        hook.remove()
+    assert lrs == pytest.approx([1e-3 * (1 - k / 6) for k in range(6)])
