@@ -89,8 +89,8 @@ def main():
     (_, t_span) = timed(lambda: [hiper.token_spans(tok, s["response"]) for s in samples])
     actor_opt = torch.optim.AdamW(policy.parameters(), lr=hc.actor_lr, weight_decay=hc.weight_decay)
     critic_opt = torch.optim.AdamW(critic.parameters(), lr=hc.critic_lr, weight_decay=hc.weight_decay)
-    _, t_crit = timed(lambda: hiper.update(hc, critic, critic_opt, samples, hiper.critic_loss, tok.pad_token_id, rng))
-    _, t_act = timed(lambda: hiper.update(hc, policy, actor_opt, samples, hiper.actor_loss, tok.pad_token_id, rng))
+    _, t_crit = timed(lambda: hiper.update(hc, critic, critic_opt, samples, hiper.critic_loss, tok.pad_token_id, rng, 1))
+    _, t_act = timed(lambda: hiper.update(hc, policy, actor_opt, samples, hiper.actor_loss, tok.pad_token_id, rng, 1))
     train_tokens = a.turns * (a.prompt + a.response)
     print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}), shape {a.size}, "
           f"{n_params / 1e9:.3f} B params, grad checkpointing {a.gc}, {a.turns} turns of "

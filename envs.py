@@ -7,6 +7,7 @@ and a process pool. Every env is gymnasium-style:
 
 `info` always holds: task, task_type, admissible_actions, won, valid_action, expert_action.
 """
+import collections
 import functools
 import glob
 import json
@@ -21,6 +22,8 @@ ALFWORLD_TASK_TYPES = ("pick_and_place_simple", "look_at_obj_in_light", "pick_cl
                        "pick_heat_then_place_in_recep", "pick_cool_then_place_in_recep", "pick_two_obj_and_place")
 ALFWORLD_SPLITS = ("train", "valid_seen", "valid_unseen")  # train, in-distribution, out-of-distribution
 WEBSHOP_N_EVAL_GOALS = 500  # goal indices 0–499 are held out for evaluation (§11)
+ENGINE_CACHE = 16  # loaded TextWorld engines an ALFWorld env keeps (least recently used out; README)
+SAS_CACHE = 64  # PDDL→SAS translations a process keeps (least recently used out; README)
 
 
 def make(name, split="train", seed=0, **options):
@@ -35,7 +38,8 @@ def make(name, split="train", seed=0, **options):
 CJK = re.compile("[\u4e00-\u9fff]")
 FORMAT_RULES = """Your response must be exactly three blocks, in this order, and nothing else:
 1. <switch>KEEP</switch> or <switch>SWITCH</switch>: KEEP the current subgoal, or SWITCH to a new one.
-2. <subgoal>...</subgoal>: every step. On KEEP copy the current subgoal verbatim; on SWITCH write a new short subgoal that takes a few actions (not the whole task, not a single action).
+2. <subgoal>...</subgoal>: every step. On KEEP copy the current subgoal verbatim; on SWITCH write a new short \
+subgoal that takes a few actions (not the whole task, not a single action).
 3. <action>...</action>: exactly one admissible action, copied as it is.
 <switch>...</switch>
 <subgoal>...</subgoal>
@@ -44,71 +48,73 @@ SUBGOAL_RULES = ("A subgoal is a small short-term goal that takes a few actions.
                  "keep it while it is still useful, switch to a new one when it is done or no longer helps.")
 
 
-def parse_response(text, env_name="alfworld"):
-    """Environment-side parse (§2): returns (switch, subgoal, action_for_env, valid).
+def _block(text, tag):
+    """The stripped text between the first <tag> and the first </tag> (empty if the closer comes first), or None
+    if either is missing. Case-sensitive: the official parse searches <switch> and <subgoal> in the raw text."""
+    a, b = text.find(f"<{tag}>"), text.find(f"</{tag}>")
+    return None if -1 in (a, b) else text[a + len(tag) + 2:b].strip()
 
-    Malformed output is an invalid turn, never an error: without an <action> block the env receives the
-    last 30 (ALFWorld) / 20 (WebShop) characters; missing or duplicated tags, a switch word other than
-    KEEP/SWITCH, an empty subgoal or action, or CJK text make the turn invalid."""
-    low = text.lower()
-    blocks = {tag: (low.find(f"<{tag}>"), low.find(f"</{tag}>")) for tag in ("switch", "subgoal", "action")}
-    content = {tag: text[a + len(tag) + 2:b].strip() if -1 < a < b else None for tag, (a, b) in blocks.items()}
-    if content["action"] is None:
-        return None, None, low[-(30 if env_name == "alfworld" else 20):], False
-    action = content["action"].lower()
-    switch = content["switch"].upper() if content["switch"] is not None else None
-    valid = (switch in ("KEEP", "SWITCH") and bool(content["subgoal"]) and bool(action) and not CJK.search(text)
-             and all(low.count(f"<{t}>") == 1 and low.count(f"</{t}>") == 1 for t in blocks))
-    return switch, content["subgoal"], action, valid
+
+def parse_response(text, env_name="alfworld"):
+    """Environment-side parse, the official rules (§2): returns (action for the env, valid, subgoal for the next
+    prompt). Malformed output is an invalid turn, never an error.
+
+    The action is the lower-cased <action> block (tags searched in the lower-cased text); without one, the env
+    gets the last 30 (ALFWorld) / 20 (WebShop) characters and nothing else is checked. Otherwise the turn is
+    invalid if the <switch> block is missing, its word is not KEEP or SWITCH, the <subgoal> block is missing, or
+    the text has a CJK character. Duplicated tags and empty blocks are valid, as in the official scripts."""
+    action = _block(text.lower(), "action")
+    if action is None:
+        return text.lower()[-(30 if env_name == "alfworld" else 20):], False, ""
+    switch, subgoal = _block(text, "switch"), _block(text, "subgoal")
+    if switch is None:  # the official next-prompt subgoal without switch tags
+        return action, False, action[-30:] if env_name == "alfworld" else "None"
+    good = switch.upper() in ("KEEP", "SWITCH")
+    valid = good and subgoal is not None and not CJK.search(text)
+    return action, valid, subgoal if good and subgoal is not None else ""
 
 
 def is_boundary(text):
-    """Trainer-side boundary parse (§2): the first <switch> block, stripped and upper-cased; missing or
-    empty means KEEP; anything but exactly KEEP opens a segment."""
-    m = re.search(r"<switch>(.*?)</switch>", text, re.S | re.I)
-    word = m.group(1).strip().upper() if m else ""
-    return word not in ("", "KEEP")
+    """Trainer-side boundary parse (§2): the first <switch> block (case-sensitive), stripped and upper-cased;
+    missing or empty means KEEP; anything but exactly KEEP opens a segment."""
+    m = re.search(r"<switch>(.*?)</switch>", text, re.S)
+    return (m.group(1).strip().upper() if m else "") not in ("", "KEEP")
 
 
-def _history(history, step):
-    """The step count and the last (observation, action) records, as `[Observation i: '…', Action i: '…']`."""
+def _records(history, step):
+    """§10: the step count, then the last k (observation, action) records, one `[Observation i: '…', Action i:
+    '…']` per line."""
     first = step - len(history) + 1
-    records = " ".join(f"[Observation {first + i}: '{o}', Action {first + i}: '{a}']" for i, (o, a) in enumerate(history))
-    return (f"Prior to this step, you have already taken {step} step(s). Below are the most recent {len(history)} "
-            f"observations and the corresponding actions you took: {records}")
+    return "\n".join([f"{step} step(s) taken so far; the last {len(history)} observation(s), each with the action "
+                      "taken after it:"] + [f"[Observation {first + i}: '{o}', Action {first + i}: '{a}']"
+                                            for i, (o, a) in enumerate(history)])
 
 
 def alfworld_prompt(task, obs, history, step, subgoal, admissible):
-    """§10: role, subgoal explanation, (later turns) task, step count and last records, observation,
-    current subgoal ('None' on the first turn), admissible actions, format rules."""
-    actions = "[" + ", ".join(f"'{a}'" for a in admissible if a != "help") + "]"
-    head = "You are an expert agent operating in the ALFRED embodied environment."
-    if step == 0:
-        return (f"{head}\n{SUBGOAL_RULES}\nYour current observation is: {obs}\nYour current subgoal is: None\n"
-                f"Your admissible actions of the current situation are: {actions}\n\n{FORMAT_RULES}")
-    return (f"{head} Your task is to: {task}.\n{SUBGOAL_RULES}\n{_history(history, step)}\n"
-            f"You are now at step {step + 1} and your current observation is: "
-            f"{obs}\nYour current subgoal is: {subgoal}\nYour admissible actions of the current situation are: "
-            f"{actions}\n\n{FORMAT_RULES}")
+    """§10: role (and, after the first turn, the task), subgoal explanation, (later turns) step count and last
+    records, observation (the first one with TextWorld's banner), current subgoal, admissible actions, format."""
+    actions = "[" + "\n ".join(f"'{a}'" for a in admissible if a != "help") + "]"
+    role = "You are an expert agent acting in ALFRED, a text-only household environment."
+    head = f"{role}\n{SUBGOAL_RULES}"  # the first observation states the task
+    if step:
+        head = f"{role} The task: {task}.\n{SUBGOAL_RULES}\n{_records(history, step)}"
+    return (f"{head}\nCurrent observation: {obs}\nCurrent subgoal: {subgoal}\nAdmissible actions: {actions}\n\n"
+            f"{FORMAT_RULES}")
 
 
 def webshop_prompt(task, obs, history, step, subgoal, admissible, max_chars=13000):
-    """§10: as ALFWorld, with the task in both templates, actions one per line; over max_chars the
-    history-free template is used."""
-    actions = "[\n" + ",\n".join(f"'{a}'" for a in admissible) + "\n]"
-    head = f"You are an expert autonomous agent operating in the WebShop e-commerce environment.\nYour task is to: {task}."
-    tail = (f"Your current observation is: {obs}\nYour current subgoal is: {subgoal if step else 'None'}\n"
-            f"Your admissible actions of the current situation are: {actions}\n\n{FORMAT_RULES}")
-    if step:
-        full = f"{head}\n{SUBGOAL_RULES}\n{_history(history, step)}\n{tail}"
-        if len(full) <= max_chars:
-            return full
-    return f"{head}\n{SUBGOAL_RULES}\n{tail}"
+    """§10: as ALFWorld, with the task in both templates, a step line on later turns, actions one per line
+    (each followed by a comma); over max_chars the history-free template is used."""
+    actions = "[\n" + "".join(f"'{a}',\n" for a in admissible) + "]"
+    head = f"You are an expert agent shopping in WebShop, a text-only online store. The task: {task}.\n{SUBGOAL_RULES}"
+    tail = f"Current subgoal: {subgoal}\nAdmissible actions: {actions}\n\n{FORMAT_RULES}"
+    full = f"{head}\n{_records(history, step)}\nThis is step {step + 1}. Current observation: {obs}\n{tail}"
+    return full if step and len(full) <= max_chars else f"{head}\nCurrent observation: {obs}\n{tail}"
 
 
 # ---- ALFWorld ----
 
-@functools.lru_cache(maxsize=512)
+@functools.lru_cache(maxsize=SAS_CACHE)
 def _cached_pddl2sas(domain, problem, verbose=False, optimize=False):
     """fast_downward.pddl2sas is ~90 % of a reset and is repeated for an unchanged problem: cache it."""
     return _pddl2sas_uncached(domain, problem, verbose=verbose, optimize=optimize)
@@ -156,22 +162,24 @@ class ALFWorldEnv:
 
     Train split: games are drawn at random (seeded). Evaluation splits: games in a fixed order, so that
     `len(env.game_files)` resets cover each game exactly once. Reward is the engine's 1.0 on success
-    (hiper.py turns it into 10·won, §8); `terminated` on success, `truncated` at `max_steps` (§9).
+    (hiper.py turns it into 10·won, §8). `terminated` on success and at `max_steps`, TextWorld's own step limit
+    (a time-out is terminal in the official runs, §11); never `truncated`: a shorter rollout cap truncates.
+    Loaded engines are kept for the last `max_engines` games (least recently used first out).
     """
 
     def __init__(self, split="train", seed=0, data_dir=None, task_types=ALFWORLD_TASK_TYPES, max_steps=50,
-                 expert=False):
+                 expert=False, max_engines=ENGINE_CACHE):
         import textworld
         from alfworld.agents.environment.alfred_tw_env import AlfredDemangler, AlfredInfos
         _install_sas_cache()
         self.game_files = alfworld_game_files(data_dir, split, tuple(task_types))
-        self.split, self.max_steps, self.expert = split, max_steps, expert
+        self.split, self.max_steps, self.expert, self.max_engines = split, max_steps, expert, max_engines
         self.rng = random.Random(seed)
         self.next_game = 0
         self._textworld, self._wrappers = textworld, [AlfredDemangler, AlfredInfos]
         self.infos = textworld.EnvInfos(won=True, admissible_commands=True, policy_commands=expert,
                                         extras=["gamefile"])
-        self._envs = {}  # one loaded engine per game file
+        self._envs = collections.OrderedDict()  # game file -> loaded engine, least recently used first
 
     def reset(self, game_index=None):
         if game_index is None and self.split == "train":
@@ -181,9 +189,12 @@ class ALFWorldEnv:
         self.game_file = self.game_files[game_index]
         if self.game_file not in self._envs:
             self._envs[self.game_file] = self._textworld.start(self.game_file, self.infos, wrappers=self._wrappers)
+            if len(self._envs) > self.max_engines:
+                self._envs.popitem(last=False)[1].close()
+        self._envs.move_to_end(self.game_file)
         self.env = self._envs[self.game_file]
         state = self.env.reset()
-        obs = state["feedback"].replace("-= Welcome to TextWorld, ALFRED! =-", "").strip()
+        obs = state["feedback"]  # TextWorld's welcome banner included, as in the official prompts (§10)
         with open(os.path.join(os.path.dirname(self.game_file), "traj_data.json")) as f:
             self.task_type = json.load(f)["task_type"]
         self.task = obs.partition("Your task is to: ")[2].strip().rstrip(".")
@@ -196,7 +207,7 @@ class ALFWorldEnv:
         state, _, _ = self.env.step(action)  # anything not admissible answers "Nothing happens."
         self.steps += 1
         won = bool(state["won"])
-        return state["feedback"], float(won), won, self.steps >= self.max_steps and not won, self._info(state, valid)
+        return state["feedback"], float(won), won or self.steps >= self.max_steps, False, self._info(state, valid)
 
     def _info(self, state, valid):
         self.state = state
@@ -215,19 +226,20 @@ def _webshop_engine(data_dir=None, **kwargs):
         raise FileNotFoundError(
             f"WebShop not found: {path!r} (--data_dir or WEBSHOP_PATH) must be a checkout of the official WebShop "
             "repository (princeton-nlp/WebShop) with its data and search index set up by its `setup.sh -d small` "
-            "(1,000 products, human instructions, pyserini index; needs Java and spaCy's en_core_web_sm).")
+            "(the 1,000-product catalogue and its pyserini index; needs Java and spaCy's en_core_web_sm).")
     sys.path.insert(0, path)
     from web_agent_site.envs import WebAgentTextEnv
-    return WebAgentTextEnv(observation_mode="text", human_goals=True, **kwargs)
+    return WebAgentTextEnv(observation_mode="text", human_goals=False, **kwargs)  # synthetic goals, as [C] (§11)
 
 
 class WebShopEnv:
-    """WebShop in text mode (§10, §11). Goals 0–499 of the engine's (fixed, seeded) goal list are the
-    evaluation set, visited in order; training draws the other goals without replacement (seeded), so
-    the two never overlap whatever the seeds or number of workers. Reward is the engine's score in
-    [0, 1]; won ⇔ score = 1."""
+    """WebShop in text mode (§10, §11), on its synthetic goals. Goals 0–499 of the engine's (fixed, seeded)
+    goal list are the evaluation set, visited in order; training draws the other goals without replacement
+    (seeded), so the two never overlap whatever the seeds or number of workers (the official scripts shuffle
+    the list per worker, so theirs do). Reward is the engine's score in [0, 1]; won ⇔ score = 1. No step
+    limit of its own (never `truncated`): the rollout cap truncates."""
 
-    def __init__(self, split="train", seed=0, max_steps=50, data_dir=None, engine=None, **engine_kwargs):
+    def __init__(self, split="train", seed=0, data_dir=None, engine=None, **engine_kwargs):
         self.engine = engine(**engine_kwargs) if engine else _webshop_engine(data_dir, **engine_kwargs)
         n = len(self.engine.server.goals)
         if split == "train":  # the goals after 0–499, drawn without replacement in a seeded order
@@ -235,7 +247,7 @@ class WebShopEnv:
             random.Random(seed).shuffle(self.goals)
         else:  # goals 0–499, in order
             self.goals = list(range(min(WEBSHOP_N_EVAL_GOALS, n)))
-        self.max_steps, self.next_goal = max_steps, 0
+        self.next_goal = 0
 
     def reset(self, goal_index=None):
         if goal_index is None:
@@ -244,7 +256,6 @@ class WebShopEnv:
         obs, _ = self.engine.reset(session=goal_index)
         pieces = [p.strip() for p in self.engine.get_instruction_text().split("[SEP]")]
         self.task = " ".join(p for p in pieces if p and p != "Instruction:")
-        self.steps = 0
         return self._format(obs), self._info(valid=True, won=False)
 
     def step(self, action):
@@ -253,16 +264,15 @@ class WebShopEnv:
         valid = action in admissible or (action.startswith("search[") and action.endswith("]")
                                          and "search[<your query>]" in admissible)
         obs, reward, done, _ = self.engine.step(action)  # the engine answers invalid actions itself
-        self.steps += 1
-        won = bool(done and reward == 1.0)
-        return self._format(obs), float(reward), bool(done), self.steps >= self.max_steps and not done, \
-            self._info(valid, won)
+        return self._format(obs), float(reward), bool(done), False, self._info(valid, bool(done and reward == 1.0))
 
     def _format(self, obs):
-        """Page text split on ' [SEP] ', instruction removed, the other pieces single-quoted (§10)."""
-        pieces = [p.strip() for p in obs.split(" [SEP] ")]
-        pieces = [p for p in pieces if p and p not in ("Instruction:", self.task)]
-        return ", ".join(f"'{p}'" for p in pieces)
+        """§10: the page's ' [SEP] ' pieces after the instruction, single-quoted and joined by ' [SEP] ' (the raw
+        text if the instruction is not on the page)."""
+        pieces = obs.split(" [SEP] ")
+        if self.task not in pieces:
+            return obs
+        return " [SEP] ".join(f"'{p}'" for p in pieces[pieces.index(self.task) + 1:])
 
     def _admissible(self):
         avail = self.engine.get_available_actions()

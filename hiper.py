@@ -13,7 +13,9 @@ import itertools
 import json
 import math
 import os
+import pickle
 import random
+import shutil
 import time
 
 import torch
@@ -38,8 +40,9 @@ class Config:
     seed: int = 6  # env seed; validation envs use seed + 1000 (§9)
     iters: int = 150  # training iterations (§9)
     n_envs: int = 128  # rollout batch: environments per iteration (§9)
-    env_workers: int = 2  # processes stepping the environments
-    max_turns: int = 50  # episode cap (§9)
+    env_workers: int = 0  # processes stepping the environments (0: one per CPU core, at most one per env)
+    max_turns: int = 50  # rollout cap: a longer episode is truncated (§9)
+    env_max_steps: int = 50  # ALFWorld: TextWorld's own step limit; reaching it ends the episode as done (§11)
     history: int = 2  # (observation, action) pairs in the prompt (§9)
     max_new_tokens: int = 512  # max response length (§9)
     temperature: float = 1.0  # train sampling temperature (§9)
@@ -68,9 +71,12 @@ class Config:
     microbatch: int = 16  # turn samples per forward/backward
     grad_checkpointing: bool = False  # recompute activations in the backward pass (saves memory on long prompts)
     max_prompt: int = 2048  # longer prompts are an error, as in the official scripts (§9)
-    ppo_epochs: int = 1  # (§9)
-    eval_every: int = 5  # validate every k iterations and before training (§9)
+    ppo_epochs: int = 1  # actor passes over each batch (§9)
+    critic_epochs: int = 0  # critic passes over each batch (0: ppo_epochs, as in verl)
+    critic_warmup: int = 0  # the first N iterations update only the critic (verl's trainer.critic_warmup; §9: 0)
+    eval_every: int = 5  # validate every k iterations, before training and at the end (§9)
     eval_temperature: float = 0.4  # (§9)
+    eval_episodes: int = 1  # episodes per validation game, every evaluation from the same sampling seed (paired)
     save_every: int = 5  # checkpoint every k iterations
     resume: bool = False  # continue from <run>/checkpoint
     eval_only: bool = False  # evaluate `checkpoint` (or the initial model) on the validation splits and exit
@@ -87,14 +93,27 @@ def parse_config(argv=None):
         else:
             p.add_argument(*names, type=f.type, default=f.default)
     cfg = Config(**vars(p.parse_args(argv)))
-    if cfg.adv not in ("hae", "gae", "grpo") or cfg.backend not in ("hf", "vllm"):
-        p.error(f"--adv {cfg.adv} --backend {cfg.backend}: expected hae, gae or grpo, and hf or vllm")
+    choices = dict(env=("alfworld", "webshop"), adv=("hae", "gae", "grpo"), backend=("hf", "vllm"),
+                   keep_mode=("fixed", "normalized"))
+    for name, allowed in choices.items():
+        if getattr(cfg, name) not in allowed:
+            p.error(f"--{name} {getattr(cfg, name)}: expected one of {', '.join(allowed)}")
+    positive = ("n_envs", "max_turns", "env_max_steps", "max_new_tokens", "minibatch", "microbatch", "ppo_epochs",
+                "save_every", "eval_episodes", "group_size", "max_prompt")
+    for name in positive + ("iters", "history", "env_workers", "critic_epochs", "critic_warmup", "eval_every"):
+        if getattr(cfg, name) < (name in positive):
+            p.error(f"--{name} {getattr(cfg, name)}: must be {'at least 1' if name in positive else 'at least 0'}")
     if cfg.adv == "grpo" and (cfg.env != "alfworld" or cfg.n_envs % cfg.group_size):
-        p.error("--adv grpo needs --env alfworld (groups replay one game) and n_envs divisible by group_size")
+        p.error(f"--adv grpo needs --env alfworld (groups replay one game) and --n_envs {cfg.n_envs} divisible by "
+                f"--group_size {cfg.group_size}")
+    cfg.critic_epochs = cfg.critic_epochs or cfg.ppo_epochs  # derived once, here
     return cfg
 
 
 # ---- policy and 3-head critic ----
+
+HEADS = ("low", "high", "term")  # the critic's outputs, in order: V_low, V_high, V_term (§7)
+
 
 class Critic(torch.nn.Module):
     """Separate copy of the base LM with a linear head of 3 outputs: 0 V_low, 1 V_high, 2 V_term (§7)."""
@@ -103,7 +122,7 @@ class Critic(torch.nn.Module):
         super().__init__()
         self.backbone = backbone
         self.head = torch.nn.Linear(backbone.config.hidden_size, 3)
-        torch.nn.init.zeros_(self.head.weight)
+        torch.nn.init.normal_(self.head.weight, std=0.02)  # [C]: Hugging Face's init of a new token-classification head
         torch.nn.init.zeros_(self.head.bias)
 
     def forward(self, ids, attn, pos):
@@ -112,10 +131,12 @@ class Critic(torch.nn.Module):
             return self.head(hidden).float()  # [N, L, 3]
 
 
-def load_models(policy_path, init_path, device="cpu", grad_checkpointing=False):
-    """Tokenizer, policy, frozen reference (the initial policy, §9) and critic (a copy of the initial LM).
-    Trained weights stay fp32 (forwards run under bf16 autocast on GPU); the reference is bf16 on GPU."""
+def load_models(policy_path, init_path, device="cpu", grad_checkpointing=False, seed=0):
+    """Tokenizer, policy, frozen reference (the initial policy, §9) and critic (a copy of the initial LM, its
+    value head drawn from `seed`). Trained weights stay fp32 (forwards run under bf16 autocast on GPU); the
+    reference is bf16 on GPU."""
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+    torch.manual_seed(seed)
     tok = AutoTokenizer.from_pretrained(policy_path, padding_side="left")
     policy = AutoModelForCausalLM.from_pretrained(policy_path, dtype=torch.float32).to(device)
     ref_dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
@@ -336,9 +357,8 @@ def rollout(cfg, policy, tok, pool, temperature, games=None, engine=None):
             parsed = {}
             for i, (p_ids, r_ids) in zip(active, outs):
                 text = tok.decode(r_ids, skip_special_tokens=True)
-                switch, subgoal, action, valid = envs.parse_response(text, cfg.env)
+                actions[i], valid, subgoal = envs.parse_response(text, cfg.env)
                 parsed[i] = (p_ids, r_ids, text, subgoal, valid)
-                actions[i] = action
             results = pool.step(actions)
             still = []
             for i in active:
@@ -350,7 +370,7 @@ def rollout(cfg, policy, tok, pool, temperature, games=None, engine=None):
                 st = state[i]
                 st["history"].append((st["obs"], actions[i]))
                 st["obs"], st["info"] = obs, info
-                st["subgoal"] = subgoal if subgoal is not None else st["subgoal"]  # last <subgoal> text is current (§2)
+                st["subgoal"] = subgoal  # the last turn's <subgoal> text, or the official fallback (§2)
                 if not (terminated or truncated):
                     still.append(i)
             active = still
@@ -504,7 +524,7 @@ def critic_loss(cfg, critic, mb, pad_id, mbatch):
     ret = torch.stack([s["returns"] for s in mb])
     m = torch.stack([s["value_mask"] for s in mb]).float()
     v_clip = old + (v - old).clamp(-cfg.value_clip, cfg.value_clip)
-    per = torch.maximum((v - ret) ** 2, (v_clip - ret) ** 2) * 0.5
+    per = torch.maximum((v - ret) ** 2, (v_clip - ret) ** 2)  # [C]: no ½ factor
     heads = (per * m).sum(0) / torch.stack([s["value_mask"] for s in mbatch]).sum(0).clamp(min=1)  # [3]
     return heads.sum(), heads.detach()
 
@@ -530,14 +550,15 @@ def actor_loss(cfg, policy, mb, pad_id, mbatch):
     return loss, stats.detach()
 
 
-def update(cfg, model, opt, samples, loss_fn, pad_id, rng):
-    """Minibatches of `cfg.minibatch` turns, accumulated over micro-batches, then one clipped step; returns
-    the loss statistics averaged over minibatches. Under torchrun every rank holds all samples and the same
-    rng, and takes its share of each minibatch (data parallel)."""
+def update(cfg, model, opt, samples, loss_fn, pad_id, rng, epochs):
+    """`epochs` passes over the samples in minibatches of `cfg.minibatch` turns, accumulated over micro-batches,
+    then one clipped step each; returns the loss statistics averaged over minibatches and the number of steps
+    skipped for a non-finite gradient norm. Under torchrun every rank holds all samples and the same rng, and
+    takes its share of each minibatch (data parallel)."""
     rank, ws = world()
     model.train()
-    total = 0
-    for _ in range(cfg.ppo_epochs):
+    total, skipped = 0, 0
+    for _ in range(epochs):
         order = list(range(len(samples)))
         rng.shuffle(order)
         for k in range(0, len(order), cfg.minibatch):
@@ -552,29 +573,42 @@ def update(cfg, model, opt, samples, loss_fn, pad_id, rng):
                 # a rank left without a share still runs the pass (its collectives), with weight 0
                 (loss * (ws if micro else 0)).backward()
                 total = total + st * bool(micro)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            if torch.isfinite(norm.full_tensor() if hasattr(norm, "full_tensor") else norm):  # torchrun: a DTensor
+                opt.step()
+            else:  # [C]: a step whose gradient norm is not finite is skipped (§9)
+                skipped += 1
     if ws > 1:  # each rank holds its share of every minibatch's statistics
         dist.all_reduce(total := total.to(next(model.parameters()).device))
-    return total / (cfg.ppo_epochs * math.ceil(len(samples) / cfg.minibatch))
+    return total / (epochs * math.ceil(len(samples) / cfg.minibatch)), skipped
 
 
 # ---- evaluation ----
 
+def env_pool(cfg, n, split, seed):
+    """n environments of `cfg.env` in worker processes (one per CPU core unless --env_workers says otherwise)."""
+    limit = dict(max_steps=cfg.env_max_steps) if cfg.env == "alfworld" else {}  # WebShop: only the rollout cap
+    return envs.EnvPool(cfg.env, n, min(cfg.env_workers or os.cpu_count(), n), seed=seed, split=split,
+                        data_dir=cfg.data_dir, **limit)
+
+
 def evaluate(cfg, policy, tok, split, engine=None):
-    """Every game of the split exactly once at the validation temperature; success overall and per type.
-    `success_128` re-scores the same episodes as the official protocol draws them, 128 games with repeats
-    (seeded), so it is comparable to the paper's protocol but not a separate run."""
+    """Every game of the split `cfg.eval_episodes` times at the validation temperature, each evaluation from the
+    same sampling seed, so that two policies are compared on the same games and seeds (paired). Returns success
+    overall and per type, and `wins` per game and episode. `success_128` re-scores the same episodes as the
+    official protocol draws them, 128 with repeats (seeded): comparable to the paper's protocol, not a new run."""
     n = len(envs.alfworld_game_files(cfg.data_dir, split)) if cfg.env == "alfworld" else envs.WEBSHOP_N_EVAL_GOALS
-    games = share(list(range(n)))  # torchrun: each rank plays its share of the games
-    pool = envs.EnvPool(cfg.env, len(games), min(cfg.env_workers, len(games)), seed=cfg.seed + 1000,
-                        split=split, data_dir=cfg.data_dir, max_steps=cfg.max_turns)
+    games = share([g for g in range(n) for _ in range(cfg.eval_episodes)])  # torchrun: each rank plays its share
+    torch.manual_seed(cfg.seed + 1000 + world()[0])  # the same sampling stream at every evaluation
+    pool = env_pool(cfg, len(games), split, cfg.seed + 1000)
     try:
         trajs = gather(rollout(cfg, policy, tok, pool, cfg.eval_temperature, games, engine))
     finally:
         pool.close()
-    draw = random.Random(cfg.seed + 1000).choices(range(n), k=128)
-    return dict(success_by_type(trajs), success_128=sum(trajs[i][-1]["won"] for i in draw) / 128)
+    won = [int(tr[-1]["won"]) for tr in trajs]
+    draw = random.Random(cfg.seed + 1000).choices(range(len(trajs)), k=128)
+    return dict(success_by_type(trajs), success_128=sum(won[i] for i in draw) / 128,
+                wins=[won[g * cfg.eval_episodes:(g + 1) * cfg.eval_episodes] for g in range(n)])
 
 
 def validate(cfg, policy, tok, updates, engine=None):
@@ -612,19 +646,75 @@ def peak_memory_gb():
 
 
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)  # consolidated: resumes on any world size
+RESUMABLE = ("iters", "resume", "save_every", "eval_every", "eval_episodes", "env_workers", "device")  # may change
 
 
-def save_checkpoint(cfg, ckpt, it, tok, policy, critic, actor_opt, critic_opt, rng):
-    """<ckpt>/policy in Hugging Face format (loads anywhere) and <ckpt>/state.pt (critic, optimizers, RNG),
-    all unsharded. Under torchrun every rank helps gather; rank 0 writes."""
+def save_checkpoint(cfg, it, tok, policy, critic, actor_opt, critic_opt, rng):
+    """<run>/checkpoint: policy/ in Hugging Face format (loads anywhere) and state.pt (critic, optimizers, RNG,
+    iteration, config), all unsharded. Written whole to checkpoint.tmp, then renamed into place; the previous
+    checkpoint stays (as checkpoint.prev) until the new one is in place. Under torchrun rank 0 writes."""
+    # an optimizer that never stepped (the actor in critic warm-up) is saved as None: torch would initialise its
+    # state with a zero step, which would change AdamW's bias correction from then on
+    opt_state = lambda model, opt: get_optimizer_state_dict(model, opt, options=FULL) if opt.state else None  # noqa
     state = dict(policy=get_model_state_dict(policy, options=FULL), critic=get_model_state_dict(critic, options=FULL),
-                 actor_opt=get_optimizer_state_dict(policy, actor_opt, options=FULL),
-                 critic_opt=get_optimizer_state_dict(critic, critic_opt, options=FULL))
+                 actor_opt=opt_state(policy, actor_opt), critic_opt=opt_state(critic, critic_opt))
     if world()[0] == 0:
-        policy.save_pretrained(os.path.join(ckpt, "policy"), state_dict=state.pop("policy"))
-        tok.save_pretrained(os.path.join(ckpt, "policy"))
+        ckpt = os.path.join(cfg.run_dir, "checkpoint")
+        tmp, prev = ckpt + ".tmp", ckpt + ".prev"
+        shutil.rmtree(tmp, ignore_errors=True)
+        policy.save_pretrained(os.path.join(tmp, "policy"), state_dict=state.pop("policy"))
+        tok.save_pretrained(os.path.join(tmp, "policy"))
         torch.save(dict(state, rng=rng.getstate(), iteration=it, config=dataclasses.asdict(cfg)),
-                   os.path.join(ckpt, "state.pt"))
+                   os.path.join(tmp, "state.pt"))  # written last: a folder with a readable state.pt is complete
+        shutil.rmtree(prev, ignore_errors=True)
+        if os.path.isdir(ckpt):
+            os.replace(ckpt, prev)
+        os.replace(tmp, ckpt)
+        shutil.rmtree(prev, ignore_errors=True)
+
+
+def load_checkpoint(cfg):
+    """--resume: (folder, state) of <run>/checkpoint, or of checkpoint.prev if a crash left the newest one
+    incomplete or unreadable (reported by name); (None, None) if there is none. Raises if the saved config
+    differs from this run's in a field that changes the run."""
+    for path in (os.path.join(cfg.run_dir, name) for name in ("checkpoint", "checkpoint.prev")):
+        if not os.path.isdir(path):
+            continue
+        try:
+            state = torch.load(os.path.join(path, "state.pt"), weights_only=False)
+        except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
+            print(f"--resume: {path} is incomplete or unreadable ({type(e).__name__}: {e}); trying the previous one")
+            continue
+        diff = [f"--{k} {v} (saved: {state['config'][k]})" for k, v in dataclasses.asdict(cfg).items()
+                if k not in RESUMABLE and v != state["config"].get(k)]
+        if diff:
+            raise SystemExit(f"--resume: {path} was saved with other settings: {', '.join(diff)}")
+        return path, state
+    return None, None
+
+
+def trim_metrics(cfg, start):
+    """<run>/metrics.jsonl up to iteration `start` (training lines ≤ start, validations before it), so that a
+    resumed run logs every iteration and validation once; a fresh run (start 0) starts an empty log."""
+    path = os.path.join(cfg.run_dir, "metrics.jsonl")
+    if world()[0] > 0 or not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = [x for x in f if x.strip()]
+    keep = [x for x in lines if json.loads(x).get("iteration", start + 1) <= start or
+            json.loads(x).get("updates", start) < start]
+    with open(path + ".tmp", "w") as f:
+        f.writelines(keep)
+    os.replace(path + ".tmp", path)
+
+
+def explained_variance(samples):
+    """Per head (low, high, term): 1 − Var(R − V)/Var(R) over that head's turns, V from rollout time."""
+    v, ret = torch.stack([s["values"] for s in samples]), torch.stack([s["returns"] for s in samples])
+    m = torch.stack([s["value_mask"] for s in samples]).float()  # [N, 3]
+    mean = lambda x: (x * m).sum(0) / m.sum(0)  # noqa: E731
+    var = lambda x: mean((x - mean(x)) ** 2)  # noqa: E731  population variance, as CleanRL
+    return 1 - var(ret - v) / var(ret)
 
 
 def main(argv=None):
@@ -641,12 +731,11 @@ def train(cfg, device):
     """Build or resume, then iterate: validate every k, rollout, score, advantages, critic and actor updates."""
     rank, ws = world()
     os.makedirs(cfg.run_dir, exist_ok=True)
-    ckpt = os.path.join(cfg.run_dir, "checkpoint")
-    resume = cfg.resume and os.path.isdir(ckpt)
-    tok, policy, ref, critic = load_models(cfg.checkpoint or (os.path.join(ckpt, "policy") if resume else cfg.model),
-                                           cfg.model, device, cfg.grad_checkpointing)
-    if resume:
-        state = torch.load(os.path.join(ckpt, "state.pt"), weights_only=False)
+    ckpt, state = load_checkpoint(cfg) if cfg.resume else (None, None)  # before any model is loaded
+    n_games = len(envs.alfworld_game_files(cfg.data_dir, "train")) if cfg.env == "alfworld" else None
+    tok, policy, ref, critic = load_models(cfg.checkpoint or (os.path.join(ckpt, "policy") if ckpt else cfg.model),
+                                           cfg.model, device, cfg.grad_checkpointing, cfg.seed)
+    if ckpt:
         critic.load_state_dict(state["critic"])
     shard(policy, ref, critic)
     engine = vllm_engine(cfg, cfg.model, device) if cfg.backend == "vllm" else None
@@ -659,22 +748,23 @@ def train(cfg, device):
     critic_opt = torch.optim.AdamW(critic.parameters(), lr=cfg.critic_lr, weight_decay=cfg.weight_decay)
     rng = random.Random(cfg.seed)  # the same stream on every rank: games, minibatch order
     start = 0
-    if resume:
-        set_optimizer_state_dict(policy, actor_opt, state["actor_opt"], options=FULL)
-        set_optimizer_state_dict(critic, critic_opt, state["critic_opt"], options=FULL)
+    if ckpt:
+        for model, opt, key in ((policy, actor_opt, "actor_opt"), (critic, critic_opt, "critic_opt")):
+            if state[key] is not None:
+                set_optimizer_state_dict(model, opt, state[key], options=FULL)
         rng.setstate(state["rng"])
         start = state["iteration"]
+    trim_metrics(cfg, start)
     if rank == 0:
         with open(os.path.join(cfg.run_dir, "config.json"), "w") as f:
             json.dump(dict(dataclasses.asdict(cfg), world_size=ws), f, indent=1)
-    n_games = len(envs.alfworld_game_files(cfg.data_dir, "train")) if cfg.env == "alfworld" else None
-    pool = envs.EnvPool(cfg.env, len(share(range(cfg.n_envs))), cfg.env_workers, seed=cfg.seed + 7919 * rank,
-                        split="train", data_dir=cfg.data_dir, max_steps=cfg.max_turns)
+    pool = env_pool(cfg, len(share(range(cfg.n_envs))), "train", cfg.seed + 7919 * rank)
+    nan = torch.full((4,), float("nan"))
     try:
         for it in tqdm(range(start, cfg.iters), desc="iterations", initial=start, total=cfg.iters, disable=rank > 0):
-            torch.manual_seed(cfg.seed + 100_003 * it + 7919 * rank)  # sampling: a stream per iteration and rank
             if cfg.eval_every and it % cfg.eval_every == 0:  # before training and every k iterations (§9)
                 log(cfg, validate(cfg, policy, tok, it, engine))
+            torch.manual_seed(cfg.seed + 100_003 * it + 7919 * rank)  # sampling: a stream per iteration and rank
             t0 = time.time()
             # the trainer's own RNG picks the training games, so --resume replays the same stream
             groups = cfg.group_size if cfg.adv == "grpo" else 1  # grpo: each game played by a group of envs
@@ -685,25 +775,29 @@ def train(cfg, device):
             # torchrun: each rank scores its own turns, then every rank holds the whole batch and its advantages
             trajs = gather(score(cfg, trajs, tok, policy, ref, critic))
             samples = advantages(cfg, trajs)
-            c_stats = update(cfg, critic, critic_opt, samples, critic_loss, tok.pad_token_id, rng) \
-                if cfg.adv != "grpo" else torch.full((3,), float("nan"))
-            a_stats = update(cfg, policy, actor_opt, samples, actor_loss, tok.pad_token_id, rng)
+            critic_on, actor_on = cfg.adv != "grpo", it >= cfg.critic_warmup  # grpo: no critic
+            c_stats, c_skip = update(cfg, critic, critic_opt, samples, critic_loss, tok.pad_token_id, rng,
+                                     cfg.critic_epochs) if critic_on else (nan, 0)
+            a_stats, a_skip = update(cfg, policy, actor_opt, samples, actor_loss, tok.pad_token_id, rng,
+                                     cfg.ppo_epochs) if actor_on else (nan, 0)
+            ev = explained_variance(samples) if critic_on else nan
             turns = [t for tr in trajs for t in tr]
             seg = sum(t["boundary"] for t in turns)
             metrics = dict(iteration=it + 1, **success_by_type(trajs), episode_length=len(turns) / len(trajs),
                            mean_reward=sum(t["reward"] for t in turns) / len(trajs),
                            invalid_rate=1 - sum(t["valid"] for t in turns) / len(turns),
                            switch_rate=seg / len(turns), mean_segment_length=len(turns) / max(seg, 1),
-                           value_loss_low=c_stats[0].item(), value_loss_high=c_stats[1].item(),
-                           value_loss_term=c_stats[2].item(), policy_loss=a_stats[0].item(), kl=a_stats[1].item(),
-                           entropy=a_stats[2].item(), clip_frac=a_stats[3].item(),
+                           **{f"value_loss_{h}": c_stats[i].item() for i, h in enumerate(HEADS)},
+                           **{f"explained_variance_{h}": ev[i].item() for i, h in enumerate(HEADS)},
+                           policy_loss=a_stats[0].item(), kl=a_stats[1].item(), entropy=a_stats[2].item(),
+                           clip_frac=a_stats[3].item(), skipped_steps_critic=c_skip, skipped_steps_actor=a_skip,
                            rollout_s=t_roll, update_s=time.time() - t0 - t_roll,
                            tokens_per_s=sum(len(t["response"]) for t in turns) / t_roll,
                            env_steps_per_s=len(turns) / t_roll, peak_memory_gb=peak_memory_gb())
             log(cfg, metrics)
             if (it + 1) % cfg.save_every == 0 or it + 1 == cfg.iters:
-                save_checkpoint(cfg, ckpt, it + 1, tok, policy, critic, actor_opt, critic_opt, rng)
-        if cfg.eval_every and start < cfg.iters:  # the trained policy (`python report.py RUN_DIR`: table and plot)
+                save_checkpoint(cfg, it + 1, tok, policy, critic, actor_opt, critic_opt, rng)
+        if cfg.eval_every:  # the trained policy (`python report.py RUN_DIR`: table, plot and verdict)
             log(cfg, validate(cfg, policy, tok, cfg.iters, engine))
     finally:
         pool.close()

@@ -53,19 +53,19 @@ def test_plan_execute_demos_replay_and_follow_the_format(alf_data):
     env = envs.ALFWorldEnv("train", data_dir=alf_data)
     for g, pairs in enumerate(demos):
         _, info = env.reset(g)
-        parsed = [envs.parse_response(r) for _, r in pairs]
-        assert all(valid for *_, valid in parsed)
-        end = next(t for t, (*_, a, _) in enumerate(parsed) if a.split(" ")[0] in demo.STAGE_END)
-        first = [a[6:] for *_, a, _ in parsed[:end] if a.startswith("go to ")]
+        parsed = [envs.parse_response(r) for _, r in pairs]  # (action, valid, subgoal)
+        assert all(valid for _, valid, _ in parsed)
+        end = next(t for t, (a, _, _) in enumerate(parsed) if a.split(" ")[0] in demo.STAGE_END)
+        first = [a[6:] for a, _, _ in parsed[:end] if a.startswith("go to ")]
         listed = [a[6:] for a in info["admissible_actions"] if a.startswith("go to ")]
         assert first == listed[:len(first)]
-        for t, ((switch, subgoal, action, _), (prompt, _)) in enumerate(zip(parsed, pairs)):
-            previous = parsed[t - 1][1] if t else "None"
-            assert f"Your current subgoal is: {previous}\n" in prompt
-            assert (switch == "SWITCH") == (t == 0 or subgoal != previous)
-            assert action in prompt  # admissible, listed in the prompt
+        for t, ((action, _, subgoal), (prompt, response)) in enumerate(zip(parsed, pairs)):
+            previous = parsed[t - 1][2] if t else "None"
+            assert f"Current subgoal: {previous}\n" in prompt
+            assert envs.is_boundary(response) == (t == 0 or subgoal != previous)
+            assert f"'{action}'" in prompt  # admissible, listed in the prompt
             *_, info = env.step(action)
-        assert info["won"] and parsed[-1][2].split()[0] in demo.STAGE_END
+        assert info["won"] and parsed[-1][0].split()[0] in demo.STAGE_END
 
 
 def test_warm_start_imitates_the_demonstrations(tmp_path):

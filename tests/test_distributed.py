@@ -58,8 +58,8 @@ def worker(rank, ws, port, path, out):
     samples = hiper.advantages(cfg, trajs)
     critic_opt = torch.optim.AdamW(critic.parameters(), lr=1e-3, eps=1e-4)
     actor_opt = torch.optim.AdamW(policy.parameters(), lr=1e-3, eps=1e-4)
-    c = hiper.update(cfg, critic, critic_opt, samples, hiper.critic_loss, tok.pad_token_id, random.Random(0))
-    a = hiper.update(cfg, policy, actor_opt, samples, hiper.actor_loss, tok.pad_token_id, random.Random(1))
+    c, _ = hiper.update(cfg, critic, critic_opt, samples, hiper.critic_loss, tok.pad_token_id, random.Random(0), 1)
+    a, _ = hiper.update(cfg, policy, actor_opt, samples, hiper.actor_loss, tok.pad_token_id, random.Random(1), 1)
     weights = [hiper.get_model_state_dict(m, options=hiper.FULL) for m in (policy, critic)]
     if rank == 0:
         torch.save(dict(adv=[s["adv"] for s in samples], ret=[s["returns"] for s in samples], c=c, a=a,

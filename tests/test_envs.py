@@ -9,6 +9,83 @@ import envs
 from tests.fake_webshop import FakeWebShop
 
 
+OK = "<switch>SWITCH</switch><subgoal>find a mug</subgoal><action>go to cabinet 1</action>"
+# (model output, expected (action sent to the env, valid, subgoal the next prompt shows)): the official rules (§2)
+PARSE_TABLE = [
+    (OK, ("go to cabinet 1", True, "find a mug")),
+    ("<switch>KEEP</switch><subgoal>find a mug</subgoal><action>open cabinet 1</action>",
+     ("open cabinet 1", True, "find a mug")),
+    ("<switch> keep </switch><subgoal> find a mug </subgoal><action>look</action>", ("look", True, "find a mug")),
+    ("<switch>switch</switch>\n<subgoal>heat it</subgoal>\n<action>heat mug 1 with microwave 1</action>",
+     ("heat mug 1 with microwave 1", True, "heat it")),
+    ("<switch>SWITCH</switch><subgoal>a</subgoal><ACTION>  Take Apple 1 from Table 1 </Action>",
+     ("take apple 1 from table 1", True, "a")),  # the action block is searched in the lower-cased text
+    ("<switch>KEEP</switch><subgoal>a</subgoal><action>click[buy now]</action><|im_end|>", ("click[buy now]", True, "a")),
+    ("<switch>SWITCH</switch><subgoal>find</subgoal><action>fly to mars</action>",  # not checked against admissible
+     ("fly to mars", True, "find")),
+    # duplicated tags and empty blocks are valid: the first block counts
+    ("<switch>SWITCH</switch><switch>KEEP</switch><subgoal>a</subgoal><action>look</action>", ("look", True, "a")),
+    ("<switch>SWITCH</switch><subgoal>a</subgoal><subgoal>b</subgoal><action>look</action>", ("look", True, "a")),
+    ("<switch>SWITCH</switch><subgoal>a</subgoal><action>look</action><action>inventory</action>",
+     ("look", True, "a")),
+    ("<switch>SWITCH</switch><subgoal></subgoal><action>look</action>", ("look", True, "")),
+    ("<switch>SWITCH</switch><subgoal>   </subgoal><action>look</action>", ("look", True, "")),
+    ("<switch>SWITCH</switch><subgoal>a</subgoal><action>  </action>", ("", True, "a")),
+    # an action closer before its opener: both found, the content between them is empty
+    ("<switch>KEEP</switch><subgoal>a</subgoal></action>look<action>", ("", True, "a")),
+    # no action block: the env gets the last 30 characters of the lower-cased text, nothing else is checked
+    ("<switch>SWITCH</switch><subgoal>Find a Mug</subgoal>go to cabinet 1",
+     ("find a mug</subgoal>go to cabinet 1"[-30:], False, "")),
+    ("I will go to the fridge now", ("i will go to the fridge now", False, "")),
+    ("", ("", False, "")),
+    ("<action>go to desk 1", ("<action>go to desk 1", False, "")),
+    ("go to desk 1</action>", ("go to desk 1</action>", False, "")),
+    ("<switch>SWITCH</switch><subgoal>找杯子</subgoal>", ("<switch>switch</switch><subgoal>找杯子</subgoal>"[-30:], False, "")),
+    # switch tags missing (case-sensitive): invalid; the next subgoal is the action's last 30 characters
+    ("<subgoal>find a mug</subgoal><action>look</action>", ("look", False, "look")),
+    ("<SWITCH>SWITCH</SWITCH><subgoal>x y</subgoal><action>Go To Fridge 1</action>",
+     ("go to fridge 1", False, "go to fridge 1")),
+    ("<action>take the small blue ceramic mug 1 from the top shelf 3</action>",
+     ("take the small blue ceramic mug 1 from the top shelf 3", False, "ceramic mug 1 from the top shelf 3"[-30:])),
+    # a switch word other than KEEP or SWITCH: invalid, next subgoal ""
+    ("<switch>MAYBE</switch><subgoal>a</subgoal><action>look</action>", ("look", False, "")),
+    ("<switch></switch><subgoal>a</subgoal><action>look</action>", ("look", False, "")),
+    ("<switch>KEEP SWITCH</switch><subgoal>a</subgoal><action>look</action>", ("look", False, "")),
+    ("</switch>SWITCH<switch><subgoal>a</subgoal><action>look</action>", ("look", False, "")),  # closer first
+    # subgoal tags missing (case-sensitive) after a good switch word: invalid, next subgoal ""
+    ("<switch>SWITCH</switch><action>look</action>", ("look", False, "")),
+    ("<switch>KEEP</switch><SUBGOAL>a</SUBGOAL><action>look</action>", ("look", False, "")),
+    ("<switch>SWITCH</switch><subgoal>a<action>look</action>", ("look", False, "")),
+    # CJK anywhere: invalid, the subgoal still carries over
+    ("<switch>SWITCH</switch><subgoal>找杯子</subgoal><action>look</action>", ("look", False, "找杯子")),
+    ("<switch>SWITCH</switch><subgoal>a</subgoal><action>look 看</action>", ("look 看", False, "a")),
+]
+
+
+@pytest.mark.parametrize("text,expected", PARSE_TABLE)
+def test_parse_table(text, expected):
+    assert envs.parse_response(text, "alfworld") == expected
+
+
+def test_parse_webshop_fallbacks():
+    """WebShop: the last 20 characters without an action block; the literal "None" as the next subgoal when the
+    switch tags are missing."""
+    assert envs.parse_response("x" * 50 + "click[buy]", "webshop") == (("x" * 50 + "click[buy]")[-20:], False, "")
+    assert envs.parse_response("<subgoal>a</subgoal><action>click[buy now]</action>", "webshop") == \
+        ("click[buy now]", False, "None")
+
+
+@pytest.mark.parametrize("text,boundary", [
+    (OK, True), ("<switch>KEEP</switch><subgoal>a</subgoal>", False), ("<switch> keep </switch>", False),
+    ("no tags at all", False), ("<switch></switch>", False), ("<switch>MAYBE</switch>", True),  # asymmetry (§2)
+    ("<switch>SWITCH</switch><switch>KEEP</switch>", True), ("<switch>KEEP</switch><switch>SWITCH</switch>", False),
+    ("<SWITCH>SWITCH</SWITCH>", False), ("<Switch>switch</Switch><switch>keep</switch>", False),  # case-sensitive tags
+])
+def test_boundary_parse(text, boundary):
+    assert envs.is_boundary(text) == boundary
+
+
+
 @pytest.mark.parametrize("split", ["train", "valid_seen", "valid_unseen"])
 def test_planner_expert_wins_every_game(alf_data, split):
     env = envs.make("alfworld", split=split, data_dir=alf_data, expert=True)
@@ -27,12 +104,64 @@ def test_planner_expert_wins_every_game(alf_data, split):
 
 
 def test_invalid_actions_are_answered_not_raised(alf_data):
-    env = envs.make("alfworld", data_dir=alf_data, max_steps=3)
+    env = envs.make("alfworld", data_dir=alf_data, max_steps=10)
     env.reset(0)
     for action in ("fly to the moon", "", "<action>go to</action>", 12345):
         obs, reward, terminated, truncated, info = env.step(action)
-        assert obs == "Nothing happens." and not info["valid_action"] and reward == 0.0 and not terminated
-    assert truncated  # the step cap turned the 3rd step into a truncation
+        assert obs == "Nothing happens." and not info["valid_action"] and reward == 0.0
+        assert not terminated and not truncated
+
+
+def test_step_limit_is_a_terminal_time_out(alf_data):
+    """TextWorld's step limit ends the episode as done, never as truncated (the official runs, §11)."""
+    env = envs.make("alfworld", data_dir=alf_data, max_steps=3)
+    env.reset(0)
+    outs = [env.step("look") for _ in range(3)]
+    assert [o[2] for o in outs] == [False, False, True] and not any(o[3] for o in outs) and not outs[-1][4]["won"]
+
+
+def test_alfworld_prompt_layout_on_a_real_game(alf_data):
+    """§10 layout: first turn = role, subgoal rules, the raw first observation (TextWorld's banner included),
+    subgoal None, admissible actions (quoted, `help` dropped, newline + space between), format rules; later turns
+    add the task to the role line and the step count with the last records, one per line, and no step line."""
+    env = envs.make("alfworld", data_dir=alf_data)
+    obs0, info = env.reset(0)
+    p0 = envs.alfworld_prompt(info["task"], obs0, [], 0, "None", info["admissible_actions"])
+    assert obs0.startswith("-= Welcome to TextWorld, ALFRED! =-") and f"Current observation: {obs0}\n" in p0
+    actions = "[" + "\n ".join(f"'{a}'" for a in info["admissible_actions"] if a != "help") + "]"
+    assert "'help'" not in p0 and f"Admissible actions: {actions}\n" in p0
+    order = [p0.index(x) for x in (envs.SUBGOAL_RULES, "Current observation:", "Current subgoal: None\n",
+                                    "Admissible actions:", envs.FORMAT_RULES)]
+    assert order == sorted(order) and "The task:" not in p0 and p0.endswith(envs.FORMAT_RULES)
+    history = [(obs0, "look")]
+    obs1, *_, info = env.step("look")
+    history.append((obs1, "inventory"))
+    obs2, *_, info = env.step("inventory")
+    p2 = envs.alfworld_prompt(info["task"], obs2, history, 2, "find it", info["admissible_actions"])
+    first_line = p2.split("\n")[0]
+    assert first_line.endswith(f"The task: {info['task']}.") and "step 3" not in p2.lower()
+    records = f"[Observation 1: '{obs0}', Action 1: 'look']\n[Observation 2: '{obs1}', Action 2: 'inventory']"
+    assert f"2 step(s) taken so far; the last 2 observation(s), each with the action taken after it:\n{records}\n" \
+        f"Current observation: {obs2}\nCurrent subgoal: find it\nAdmissible actions: [" in p2
+
+
+def test_webshop_prompt_layout():
+    """WebShop: the task in both templates, a step line on later turns, actions one per line each followed by a
+    comma, the page's pieces after the instruction single-quoted and joined by ' [SEP] '."""
+    env = webshop("valid")
+    obs0, info = env.reset(0)
+    assert obs0 == "'Search'"
+    p0 = envs.webshop_prompt(info["task"], obs0, [], 0, "None", info["admissible_actions"])
+    assert f"The task: {info['task']}." in p0 and "This is step" not in p0
+    assert "Admissible actions: [\n'search[<your query>]',\n'click[search]',\n]\n" in p0
+    obs1, *_, info = env.step("search[cotton]")
+    assert obs1 == "'Back to Search' [SEP] 'b0001' [SEP] 'red cotton t-shirt' [SEP] '$12.0'"
+    p1 = envs.webshop_prompt(info["task"], obs1, [(obs0, "search[cotton]")], 1, "find it",
+                             info["admissible_actions"])
+    assert f"The task: {info['task']}." in p1 and f"This is step 2. Current observation: {obs1}\n" in p1
+    assert "[Observation 1: ''Search'', Action 1: 'search[cotton]']\n" in p1
+    long = envs.webshop_prompt(info["task"], "x" * 12000, [("y" * 2000, "a")], 1, "s", [])  # over 13,000 characters
+    assert "x" * 12000 in long and "y" * 2000 not in long and "This is step" not in long  # the history-free template
 
 
 def test_splits_and_task_type_filter(alf_data):

@@ -1,78 +1,17 @@
-"""hiper.py: parsing table, reward shaping, token masks on a real chat template, PPO, resume."""
+"""hiper.py: reward shaping, token masks on a real chat template, PPO, resume."""
 import json
 import os
+import re
 
 import pytest
 import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import demo
 import envs
 import hiper
 
 OK = "<switch>SWITCH</switch><subgoal>find a mug</subgoal><action>go to cabinet 1</action>"
-# (model output, expected (switch, subgoal, action sent to the env, valid)) — spec §2 and issue 5
-PARSE_TABLE = [
-    (OK, ("SWITCH", "find a mug", "go to cabinet 1", True)),
-    ("<switch>KEEP</switch><subgoal>find a mug</subgoal><action>open cabinet 1</action>",
-     ("KEEP", "find a mug", "open cabinet 1", True)),
-    ("<switch> keep </switch><subgoal>find a mug</subgoal><action>look</action>", ("KEEP", "find a mug", "look", True)),
-    ("<switch>switch</switch>\n<subgoal>heat it</subgoal>\n<action>heat mug 1 with microwave 1</action>",
-     ("SWITCH", "heat it", "heat mug 1 with microwave 1", True)),
-    ("<SWITCH>SWITCH</SWITCH><SUBGOAL>x y</SUBGOAL><ACTION>Go To Fridge 1</ACTION>", ("SWITCH", "x y", "go to fridge 1", True)),
-    ("<switch>SWITCH</switch><subgoal>a</subgoal><action>  take apple 1 from table 1  </action>",
-     ("SWITCH", "a", "take apple 1 from table 1", True)),
-    ("<switch>KEEP</switch><subgoal>a</subgoal><action>search[red shirt]</action>", ("KEEP", "a", "search[red shirt]", True)),
-    ("<switch>KEEP</switch><subgoal>a</subgoal><action>click[buy now]</action><|im_end|>",
-     ("KEEP", "a", "click[buy now]", True)),
-    ("<switch>SWITCH</switch><subgoal>find</subgoal><action>fly to mars</action>",  # not checked against admissible
-     ("SWITCH", "find", "fly to mars", True)),
-    # missing action block: env gets the last 30 characters of the lower-cased text
-    ("<switch>SWITCH</switch><subgoal>find a mug</subgoal>go to cabinet 1",
-     (None, None, "find a mug</subgoal>go to cabinet 1"[-30:], False)),
-    ("I will go to the fridge now", (None, None, "i will go to the fridge now", False)),
-    ("", (None, None, "", False)),
-    ("<action>go to desk 1", (None, None, "<action>go to desk 1", False)),
-    ("go to desk 1</action>", (None, None, "go to desk 1</action>", False)),
-    ("</action>go to desk 1<action>", (None, None, "</action>go to desk 1<action>", False)),
-    ("<switch>SWITCH</switch><subgoal>" + "x" * 40 + "</subgoal>", (None, None, ("x" * 40 + "</subgoal>")[-30:], False)),
-    # action found, other rules broken: the action still goes to the env, the turn is invalid
-    ("<subgoal>find a mug</subgoal><action>look</action>", (None, "find a mug", "look", False)),
-    ("<switch>MAYBE</switch><subgoal>a</subgoal><action>look</action>", ("MAYBE", "a", "look", False)),
-    ("<switch></switch><subgoal>a</subgoal><action>look</action>", ("", "a", "look", False)),
-    ("<switch>KEEP SWITCH</switch><subgoal>a</subgoal><action>look</action>", ("KEEP SWITCH", "a", "look", False)),
-    ("<switch>SWITCH</switch><action>look</action>", ("SWITCH", None, "look", False)),
-    ("<switch>SWITCH</switch><subgoal></subgoal><action>look</action>", ("SWITCH", "", "look", False)),
-    ("<switch>SWITCH</switch><subgoal>   </subgoal><action>look</action>", ("SWITCH", "", "look", False)),
-    ("<switch>SWITCH</switch><subgoal>a</subgoal><action></action>", ("SWITCH", "a", "", False)),
-    ("<switch>SWITCH</switch><subgoal>a</subgoal><action>  </action>", ("SWITCH", "a", "", False)),
-    ("<switch>SWITCH</switch><subgoal>找杯子</subgoal><action>look</action>", ("SWITCH", "找杯子", "look", False)),
-    ("<switch>SWITCH</switch><subgoal>a</subgoal><action>look 看</action>", ("SWITCH", "a", "look 看", False)),
-    ("<switch>SWITCH</switch><switch>KEEP</switch><subgoal>a</subgoal><action>look</action>",
-     ("SWITCH", "a", "look", False)),
-    ("<switch>SWITCH</switch><subgoal>a</subgoal><action>look</action><action>inventory</action>",
-     ("SWITCH", "a", "look", False)),
-    ("<switch>SWITCH</switch><subgoal>a</subgoal><subgoal>b</subgoal><action>look</action>",
-     ("SWITCH", "a", "look", False)),
-    ("<switch>SWITCH</switch><subgoal>a<action>look</action>", ("SWITCH", None, "look", False)),
-]
-
-
-@pytest.mark.parametrize("text,expected", PARSE_TABLE)
-def test_parse_table(text, expected):
-    assert envs.parse_response(text, "alfworld") == expected
-
-
-def test_parse_webshop_fallback_is_20_chars():
-    assert envs.parse_response("x" * 50 + "click[buy]", "webshop") == (None, None, ("x" * 50 + "click[buy]")[-20:], False)
-
-
-@pytest.mark.parametrize("text,boundary", [
-    (OK, True), ("<switch>KEEP</switch><subgoal>a</subgoal>", False), ("<switch> keep </switch>", False),
-    ("no tags at all", False), ("<switch></switch>", False), ("<switch>MAYBE</switch>", True),  # asymmetry (§2)
-    ("<switch>SWITCH</switch><switch>KEEP</switch>", True), ("<switch>KEEP</switch><switch>SWITCH</switch>", False),
-])
-def test_boundary_parse(text, boundary):
-    assert envs.is_boundary(text) == boundary
 
 
 def turn(text, won=False, valid=True):
@@ -157,7 +96,7 @@ def test_ppo_update_moves_logprobs_with_the_advantage(tiny, sign):
     s.update(old_logp=before, ref_logp=before)
     cfg = hiper.Config(kl_coef=0.0, entropy_coef=0.0)
     opt = torch.optim.AdamW(policy.parameters(), lr=1e-3)
-    hiper.update(cfg, policy, opt, [s], hiper.actor_loss, tok.pad_token_id, __import__("random").Random(0))
+    hiper.update(cfg, policy, opt, [s], hiper.actor_loss, tok.pad_token_id, __import__("random").Random(0), 1)
     with torch.no_grad():
         after = hiper.response_logprobs(policy, [s], tok.pad_token_id)[0]
     assert sign * (after.sum() - before.sum()).item() > 0
@@ -243,3 +182,154 @@ def test_grpo_advantage_is_the_group_normalised_episode_return(tiny):
         torch.testing.assert_close(s["adv"][s["loss_mask"]], torch.full((int(s["loss_mask"].sum()),), e), rtol=1e-4,
                                    atol=1e-5)
         assert not s["adv"][~s["loss_mask"]].any()
+
+
+def scripted(monkeypatch, tok, responses):
+    """hiper.generate replaced by a script: call k answers every prompt with responses[k] (the last one after
+    the end). Returns the prompts of each call."""
+    seen = []
+
+    def generate(policy, tok_, prompts, *args, **kwargs):
+        seen.append(prompts)
+        r = tok(responses[min(len(seen), len(responses)) - 1], add_special_tokens=False).input_ids + [tok.eos_token_id]
+        return [(tok(hiper.chat(tok, p)).input_ids, r) for p in prompts]
+
+    monkeypatch.setattr(hiper, "generate", generate)
+    return seen
+
+
+def play(cfg, policy, tok, n=1, split="train", games=None):
+    pool = hiper.env_pool(cfg, n, split, cfg.seed)
+    try:
+        return hiper.rollout(cfg, policy, tok, pool, cfg.temperature, games)
+    finally:
+        pool.close()
+
+
+def test_next_prompt_shows_the_official_subgoal_after_malformed_turns(tiny, alf_data, monkeypatch):
+    """§2 [C]: the next prompt's subgoal is the <subgoal> text after a good switch word, "" after a bad word, a
+    missing subgoal block or no action block, and the action's last 30 characters without switch tags."""
+    _, (tok, policy, _, _) = tiny
+    seen = scripted(monkeypatch, tok, [OK, "<switch>MAYBE</switch><subgoal>x</subgoal><action>look</action>",
+                                       "<subgoal>y</subgoal><action>inventory</action>", "no action here",
+                                       "<switch>KEEP</switch><subgoal>z</subgoal><action>look</action>",
+                                       "<switch>SWITCH</switch><action>look</action>", OK])
+    trajs = play(hiper.Config(data_dir=alf_data, max_turns=7, history=1), policy, tok)
+    shown = [re.search("Current subgoal: (.*)\n", p[0]).group(1) for p in seen]
+    assert shown == ["None", "find a mug", "", "inventory", "", "z", ""]
+    assert [t["valid"] for t in trajs[0]] == [True, False, False, False, True, False, True]
+
+
+def test_time_out_is_terminal_but_a_shorter_rollout_cap_truncates(tiny, alf_data, monkeypatch):
+    """The env's step limit ends the episode as done: its last segment bootstraps to 0 (R_high = G). A rollout cap
+    below the env's limit truncates: with bootstrap_truncated, R_high = G + V_high(b_0) (self-bootstrap, §5)."""
+    path, _ = tiny
+    tok, policy, ref, critic = hiper.load_models(path, path)
+    torch.nn.init.normal_(critic.head.weight)  # values far from 0
+    scripted(monkeypatch, tok, ["<switch>KEEP</switch><subgoal>wait</subgoal><action>look</action>"])
+    for max_turns, done in ((3, [False, False, True]), (2, [False, False])):
+        cfg = hiper.Config(data_dir=alf_data, max_turns=max_turns, env_max_steps=3, microbatch=4)
+        traj = play(cfg, policy, tok)[0]
+        assert [t["done"] for t in traj] == done
+        samples = hiper.advantages(cfg, hiper.score(cfg, [traj], tok, policy, ref, critic))  # one segment
+        g = sum(s["reward"] for s in samples)
+        boot = 0.0 if done[-1] else samples[0]["values"][1].item()
+        assert samples[0]["returns"][1].item() == pytest.approx(g + boot, abs=1e-5)
+        assert done[-1] or abs(boot) > 1e-3  # so the truncated case differs from the terminal one
+
+
+def test_value_loss_is_the_clipped_squared_error_without_a_half(monkeypatch):
+    """§7 [C]: per head, max((v − R)², (v_clip − R)²) averaged over that head's turns; L = sum of the heads."""
+    v = torch.tensor([[1.0, 0.2, -1.0], [3.0, 9.0, 0.0]], requires_grad=True)
+    monkeypatch.setattr(hiper, "critic_values", lambda critic, mb, pad_id: v[[s["row"] for s in mb]])
+    mb = [dict(row=0, values=torch.zeros(3), returns=torch.tensor([2.0, 0.0, 0.5]), value_mask=torch.tensor([1, 1, 1])),
+          dict(row=1, values=torch.tensor([2.8, 0.0, 0.0]), returns=torch.tensor([3.0, 5.0, 1.0]),
+               value_mask=torch.tensor([1, 0, 1]))]
+    loss, heads = hiper.critic_loss(hiper.Config(value_clip=0.5), None, mb, 0, mb)
+    # low: max(1, 1.5²) and 0 → 1.125; high: 0.2² (row 1 masked) → 0.04; term: max(1.5², 1) and 1 → 1.625
+    torch.testing.assert_close(heads, torch.tensor([1.125, 0.04, 1.625]))
+    assert loss.item() == pytest.approx(2.79)
+
+
+def test_a_non_finite_gradient_skips_the_step_and_is_counted(tiny):
+    path, _ = tiny
+    tok, policy, _, _ = hiper.load_models(path, path)
+    s = sample(tok, OK, float("nan"))
+    with torch.no_grad():
+        before = hiper.response_logprobs(policy, [s], tok.pad_token_id)[0]
+    s.update(old_logp=before, ref_logp=before)
+    w0 = {k: v.clone() for k, v in policy.state_dict().items()}
+    opt = torch.optim.AdamW(policy.parameters(), lr=1e-3, weight_decay=0.01)
+    cfg, rng = hiper.Config(), __import__("random").Random(0)
+    _, skipped = hiper.update(cfg, policy, opt, [s], hiper.actor_loss, tok.pad_token_id, rng, epochs=2)
+    assert skipped == 2 and all(torch.equal(w0[k], v) for k, v in policy.state_dict().items())
+    s["adv"] = torch.ones_like(s["adv"])
+    _, skipped = hiper.update(cfg, policy, opt, [s], hiper.actor_loss, tok.pad_token_id, rng, epochs=1)
+    assert skipped == 0 and not all(torch.equal(w0[k], v) for k, v in policy.state_dict().items())
+
+
+def small_run(tmp_path):
+    """One generated training game, a tiny model on its text, and the arguments of a 3-env CPU run."""
+    data, tiny = str(tmp_path / "alf"), str(tmp_path / "tiny")
+    demo.generate_alfworld_games(data, 1, seed=1, split="train", max_receptacles=6, n_distractors=2)
+    demo.build_tiny(tiny, demo.game_texts(data), seed=6)
+    return tiny, ["--model", tiny, "--data_dir", data, "--n_envs", "3", "--max_turns", "3", "--max_new_tokens", "24",
+                  "--eval_every", "0", "--minibatch", "64", "--microbatch", "8", "--env_workers", "1",
+                  "--save_every", "1", "--actor_lr", "1e-3", "--critic_lr", "2e-3"]
+
+
+def test_critic_warmup_holds_the_actor_and_critic_epochs_run_e_passes(tmp_path):
+    """--critic_warmup 2: in iterations 1-2 only the critic steps and the policy keeps its initial weights;
+    --critic_epochs 3: 3 critic steps per iteration (one minibatch holds the batch), then the actor's 1."""
+    from transformers import AutoModelForCausalLM
+    tiny, args = small_run(tmp_path)
+    run = str(tmp_path / "run")
+    steps = []  # the learning rate of each optimizer step: 2e-3 critic, 1e-3 actor
+    hook = register_optimizer_step_pre_hook(lambda opt, *_: steps.append(opt.param_groups[0]["lr"]))
+    try:
+        hiper.main(args + ["--run_dir", run, "--iters", "2", "--critic_warmup", "2", "--critic_epochs", "3"])
+        assert steps == [2e-3] * 6
+        init = AutoModelForCausalLM.from_pretrained(tiny).state_dict()
+        after = AutoModelForCausalLM.from_pretrained(os.path.join(run, "checkpoint", "policy")).state_dict()
+        assert all(torch.equal(init[k], after[k]) for k in init)
+        critic = torch.load(os.path.join(run, "checkpoint", "state.pt"), weights_only=False)["critic"]
+        assert not all(torch.equal(init[k], critic["backbone." + k.removeprefix("model.")]) for k in init
+                       if k.startswith("model."))
+        hiper.main(args + ["--run_dir", run, "--iters", "3", "--critic_warmup", "2", "--critic_epochs", "3",
+                           "--resume"])
+        # loading an optimizer state first initialises it with one zero-lr step (torch's own), not an update
+        assert [lr for lr in steps if lr] == [2e-3] * 9 + [1e-3]
+    finally:
+        hook.remove()
+
+
+def test_explained_variance_against_a_hand_computation():
+    """1 − Var(R − V)/Var(R) per head over that head's turns (population variances)."""
+    samples = [dict(values=torch.tensor(v), returns=torch.tensor(r), value_mask=torch.tensor(m)) for v, r, m in [
+        ([1.0, 0.0, 2.0], [2.0, 5.0, 2.0], [True, True, True]), ([1.0, 9.0, 0.0], [0.0, 9.0, 4.0], [True, False, True]),
+        ([3.0, 2.0, 1.0], [4.0, 1.0, 1.0], [True, True, False])]]
+    # low: R − V = (1, −1, 1), Var 8/9; Var(R) = 8/3 → 2/3. high: (5, −1), 9; (5, 1), 4 → −1.25. term: (0, 4), 4; 1 → −3
+    torch.testing.assert_close(hiper.explained_variance(samples), torch.tensor([2 / 3, -1.25, -3.0]))
+
+
+def test_paired_evaluation_replays_the_same_games_and_seeds(tiny, alf_data, monkeypatch):
+    """Each game eval_episodes times, every evaluation from the same sampling seed whatever came before: the
+    same policy evaluated twice plays the same games and samples the same responses."""
+    _, (tok, policy, _, _) = tiny
+    cfg = hiper.Config(data_dir=alf_data, max_turns=2, max_new_tokens=12, eval_episodes=2, eval_temperature=1.0)
+    calls, real = [], hiper.rollout
+
+    def spy(*args, **kwargs):
+        seed = torch.initial_seed()
+        trajs = real(*args, **kwargs)
+        calls.append((list(args[5]), seed, [t["text"] for tr in trajs for t in tr]))
+        return trajs
+
+    monkeypatch.setattr(hiper, "rollout", spy)
+    first = hiper.evaluate(cfg, policy, tok, "valid_seen")
+    torch.manual_seed(12345)
+    torch.rand(7)
+    second = hiper.evaluate(cfg, policy, tok, "valid_seen")
+    assert calls[0] == calls[1] and calls[0][0] == [g for g in range(6) for _ in range(2)]
+    assert len(set(calls[0][2])) > 1  # sampled, not greedy
+    assert first == second and len(first["wins"]) == 6 and all(len(w) == 2 for w in first["wins"])

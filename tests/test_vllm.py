@@ -52,7 +52,7 @@ def test_weights_pushed_after_a_ppo_update_give_the_trainers_logprobs(setup):
         s.update(old_logp=b[:n], ref_logp=b[:n], adv=torch.ones(n), loss_mask=torch.ones(n, dtype=torch.bool))
     opt = torch.optim.AdamW(policy.parameters(), lr=1e-2)
     hiper.update(hiper.Config(minibatch=2, microbatch=2), policy, opt, samples, hiper.actor_loss, tok.pad_token_id,
-                 random.Random(0))
+                 random.Random(0), 1)
     with torch.no_grad():
         after = hiper.response_logprobs(policy, samples, tok.pad_token_id)
     stale = engine_logprobs(engine, samples)  # the engine still holds the weights from before the update
