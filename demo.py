@@ -203,30 +203,40 @@ def _stage_subgoal(action):
 STAGE_END = ("take", "clean", "heat", "cool", "use", "move")  # the verbs that end a walkthrough stage
 
 
-def _search(admissible, here):
-    """The next receptacle to look in: `open` the current one if closed, else go to the receptacle after it
-    in the (sorted) admissible list, wrapping around."""
+def _search(admissible, here, order):
+    """The next receptacle to look in: `open` the current one if closed, else go to the receptacle after it in
+    `order` (every receptacle of the room), wrapping around."""
     if f"open {here}" in admissible:
         return f"open {here}"
-    places = [a for a in admissible if a.startswith("go to ")]
-    return next((a for a in places if a[6:] > (here or "")), places[0])
+    return "go to " + order[(order.index(here) + 1) % len(order) if here in order else 0]
 
 
-def plan_execute_demos(data_dir, split="train", history=2, max_steps=50):
+def planner_env(split, data_dir, max_steps=50):
+    """An ALFWorld env whose state also holds the PDDL planner's plan to the goal (`policy_commands`)."""
+    env = envs.ALFWorldEnv(split, data_dir=data_dir, max_steps=max_steps)
+    env.infos.policy_commands = True  # before any game is loaded
+    return env
+
+
+def plan_execute_demos(data_dir, split="train", history=2, max_steps=50, shuffle=None):
     """Warm-start data for the CPU demo: every game's walkthrough as plan-execute turns. The PDDL planner knows
-    where objects are; where it heads for one to take or use, the walkthrough searches instead (`_search`).
+    where objects are; where it heads for one to take or use, the walkthrough searches instead (`_search`), in
+    the sorted order of the receptacles or, with `shuffle` (a seed), in a random order drawn per game.
     Stages end at their first take/clean/heat/cool/use/move action; every turn of a stage carries its subgoal,
     SWITCH on its first turn, KEEP after. Returns (prompt, response) pairs per game, prompts as a rollout's."""
-    env = envs.ALFWorldEnv(split, data_dir=data_dir, expert=True, max_steps=max_steps)
+    env = planner_env(split, data_dir, max_steps)
     demos = []
     for g in range(len(env.game_files)):
         obs, info = env.reset(g)
         steps, won, here = [], False, None
-        while not won and len(steps) < max_steps and info["expert_action"]:
-            action = info["expert_action"]
+        order = sorted(a[6:] for a in info["admissible_actions"] if a.startswith("go to "))
+        if shuffle is not None:
+            random.Random(f"{shuffle}/{g}").shuffle(order)
+        while not won and len(steps) < max_steps and env.state["policy_commands"]:
+            action = env.state["policy_commands"][0]
             goal = next((a for a in env.state["policy_commands"] if a.split(" ")[0] not in ("go", "open")), "")
             if action.startswith("go to ") and goal.split(" ")[0] in ("take", "use"):  # the planner's shortcut
-                action = _search(info["admissible_actions"], here)
+                action = _search(info["admissible_actions"], here, order)
             here = action[6:] if action.startswith("go to ") else here
             steps.append((obs, info, action))
             obs, _, _, _, info = env.step(action)
@@ -343,13 +353,15 @@ def main(argv=None):
     p.add_argument("--sft_epochs", type=int, default=8)
     p.add_argument("--sft_lr", type=float, default=3e-3, help="at the start, falling linearly to 0")
     p.add_argument("--sft_batch", type=int, default=4, help="turns per optimizer step")
+    p.add_argument("--search", choices=("sorted", "random"), default="sorted",
+                   help="the walkthroughs' search order: the receptacles sorted, or shuffled per game (seeded)")
     p.add_argument("--seed", type=int, default=6)
     a = p.parse_args(argv)
     games(a)
     tiny, warm = os.path.join(a.run_dir, "tiny-init"), os.path.join(a.run_dir, "warm-start")
     if a.games_only or os.path.isdir(warm):
         return
-    demos = plan_execute_demos(a.data_dir, "train", a.history, a.max_turns)
+    demos = plan_execute_demos(a.data_dir, "train", a.history, a.max_turns, a.seed if a.search == "random" else None)
     if not os.path.isdir(tiny):
         build_tiny(tiny, game_texts(a.data_dir) + [p + r for game in demos for p, r in game], a.seed)
     from transformers import AutoModelForCausalLM, AutoTokenizer

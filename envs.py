@@ -5,7 +5,7 @@ and a process pool. Every env is gymnasium-style:
     obs, info = env.reset()
     obs, reward, terminated, truncated, info = env.step("go to fridge 1")
 
-`info` always holds: task, task_type, admissible_actions, won, valid_action, expert_action.
+`info` always holds: task, task_type, admissible_actions, won, valid_action.
 """
 import collections
 import functools
@@ -114,18 +114,11 @@ def webshop_prompt(task, obs, history, step, subgoal, admissible, max_chars=1300
 
 # ---- ALFWorld ----
 
-@functools.lru_cache(maxsize=SAS_CACHE)
-def _cached_pddl2sas(domain, problem, verbose=False, optimize=False):
-    """fast_downward.pddl2sas is ~90 % of a reset and is repeated for an unchanged problem: cache it."""
-    return _pddl2sas_uncached(domain, problem, verbose=verbose, optimize=optimize)
-
-
 def _install_sas_cache():
-    from textworld.envs.pddl import logic as pddl_logic
-    global _pddl2sas_uncached
-    if pddl_logic.fast_downward.pddl2sas is not _cached_pddl2sas:
-        _pddl2sas_uncached = pddl_logic.fast_downward.pddl2sas
-        pddl_logic.fast_downward.pddl2sas = _cached_pddl2sas
+    """fast_downward.pddl2sas is ~90 % of a reset and repeats for an unchanged problem: an LRU cache in front."""
+    from textworld.envs.pddl import logic
+    if not hasattr(logic.fast_downward.pddl2sas, "cache_info"):
+        logic.fast_downward.pddl2sas = functools.lru_cache(maxsize=SAS_CACHE)(logic.fast_downward.pddl2sas)
 
 
 def alfworld_game_files(data_dir, split, task_types=ALFWORLD_TASK_TYPES):
@@ -168,17 +161,16 @@ class ALFWorldEnv:
     """
 
     def __init__(self, split="train", seed=0, data_dir=None, task_types=ALFWORLD_TASK_TYPES, max_steps=50,
-                 expert=False, max_engines=ENGINE_CACHE):
+                 max_engines=ENGINE_CACHE):
         import textworld
         from alfworld.agents.environment.alfred_tw_env import AlfredDemangler, AlfredInfos
         _install_sas_cache()
         self.game_files = alfworld_game_files(data_dir, split, tuple(task_types))
-        self.split, self.max_steps, self.expert, self.max_engines = split, max_steps, expert, max_engines
+        self.split, self.max_steps, self.max_engines = split, max_steps, max_engines
         self.rng = random.Random(seed)
         self.next_game = 0
         self._textworld, self._wrappers = textworld, [AlfredDemangler, AlfredInfos]
-        self.infos = textworld.EnvInfos(won=True, admissible_commands=True, policy_commands=expert,
-                                        extras=["gamefile"])
+        self.infos = textworld.EnvInfos(won=True, admissible_commands=True, extras=["gamefile"])
         self._envs = collections.OrderedDict()  # game file -> loaded engine, least recently used first
 
     def reset(self, game_index=None):
@@ -211,10 +203,8 @@ class ALFWorldEnv:
 
     def _info(self, state, valid):
         self.state = state
-        plan = state.get("policy_commands") if self.expert else None
         return dict(task=self.task, task_type=self.task_type, admissible_actions=list(state["admissible_commands"]),
-                    won=bool(state["won"]), valid_action=valid, expert_action=plan[0] if plan else None,
-                    gamefile=self.game_file)
+                    won=bool(state["won"]), valid_action=valid, gamefile=self.game_file)
 
 
 # ---- WebShop ----
@@ -281,7 +271,7 @@ class WebShopEnv:
 
     def _info(self, valid, won):
         return dict(task=self.task, task_type="webshop", admissible_actions=self._admissible(), won=won,
-                    valid_action=valid, expert_action=None, goal_index=self.goal_index)
+                    valid_action=valid, goal_index=self.goal_index)
 
 
 ENVS = {"alfworld": ALFWorldEnv, "webshop": WebShopEnv}
@@ -315,11 +305,13 @@ class EnvPool:
     """n environments stepped in `workers` processes (contiguous shares); env i has seed `seed + i`.
     reset(games) and step(actions) return lists in env order; games[i] picks env i's game (None: the env's
     own choice), an action of None leaves that env alone (its entry is None). A worker that raises or dies
-    is reported with its error instead of hanging."""
+    is reported with its error instead of hanging. Workers start from a forkserver, so that a pool created
+    after CUDA or an in-process vLLM engine never forks their threads."""
 
     def __init__(self, name, n, workers, seed=0, **options):
         self.n, self.shards = n, shares(n, min(workers, n))
-        ctx = mp.get_context("fork")
+        ctx = mp.get_context("forkserver")  # workers forked from a clean server, not from a process with CUDA/vLLM
+        ctx.set_forkserver_preload(["envs"])
         self.conns, children = zip(*[ctx.Pipe() for _ in self.shards])
         self.procs = [ctx.Process(target=_worker, args=(child, name, [seed + i for i in shard], options), daemon=True)
                       for child, shard in zip(children, self.shards)]
@@ -327,31 +319,40 @@ class EnvPool:
             proc.start()
         self._gather()
 
+    def _ask(self, cmd, per_env):
+        """Each worker's share of `per_env` with the command, then every answer, concatenated in env order."""
+        for w, (shard, conn) in enumerate(zip(self.shards, self.conns)):
+            try:
+                conn.send((cmd, per_env[shard.start:shard.stop]))
+            except OSError as e:  # the worker is gone
+                self._fail(f"env worker {w} died", e)
+        return self._gather()
+
     def _gather(self):
-        """Every worker's answer, concatenated in env order."""
         results = []
         for w, (proc, conn) in enumerate(zip(self.procs, self.conns)):
             while not conn.poll(1.0):
                 if not proc.is_alive():
-                    self.close()
-                    raise RuntimeError(f"env worker {w} died (exit code {proc.exitcode})")
-            status, payload = conn.recv()
+                    self._fail(f"env worker {w} died")
+            try:
+                status, payload = conn.recv()
+            except (EOFError, OSError) as e:  # the worker died with the pipe open
+                self._fail(f"env worker {w} died", e)
             if status == "error":
-                self.close()
-                raise RuntimeError(f"env worker {w} failed:\n{payload}")
+                self._fail(f"env worker {w} failed:\n{payload}")
             results += payload or []
         return results
 
+    def _fail(self, message, cause=None):
+        procs = self.procs
+        self.close()
+        raise RuntimeError(f"{message} (worker exit codes {[p.exitcode for p in procs]})") from cause
+
     def reset(self, games=None):
-        games = games or [None] * self.n
-        for shard, conn in zip(self.shards, self.conns):
-            conn.send(("reset", games[shard.start:shard.stop]))
-        return self._gather()
+        return self._ask("reset", games or [None] * self.n)
 
     def step(self, actions):
-        for shard, conn in zip(self.shards, self.conns):
-            conn.send(("step", actions[shard.start:shard.stop]))
-        return self._gather()
+        return self._ask("step", actions)
 
     def close(self):
         for proc, conn in zip(self.procs, self.conns):

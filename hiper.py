@@ -59,6 +59,7 @@ class Config:
     cons_penalty: float = -0.3  # keep-consistency penalty (§8)
     invalid_coef: float = 0.1  # invalid-action penalty coefficient (§8)
     actor_lr: float = 1e-6  # (§9)
+    actor_lr_decay: bool = False  # a schedule knob (§9: constant): the actor's rate falls linearly to 0 after warm-up
     critic_lr: float = 1e-5  # (§9)
     weight_decay: float = 0.01  # (§9)
     grad_clip: float = 1.0  # (§9)
@@ -83,7 +84,15 @@ class Config:
     checkpoint: str = ""  # a saved policy folder (Hugging Face format) for --eval-only
 
 
+CHOICES = dict(env=("alfworld", "webshop"), adv=("hae", "gae", "grpo"), backend=("hf", "vllm"),
+               keep_mode=("fixed", "normalized"))
+AT_LEAST_1 = ("n_envs", "max_turns", "env_max_steps", "max_new_tokens", "minibatch", "microbatch", "ppo_epochs",
+              "save_every", "eval_episodes", "group_size", "max_prompt")
+AT_LEAST_0 = ("iters", "history", "env_workers", "critic_epochs", "critic_warmup", "eval_every")
+
+
 def parse_config(argv=None):
+    """Config from the command line (--field value); settings that cannot work stop here, in one line."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(Config):
         names = sorted({f"--{f.name}", f"--{f.name.replace('_', '-')}"})
@@ -91,18 +100,11 @@ def parse_config(argv=None):
             p.add_argument(*names, type=lambda s: s.lower() in ("1", "true", "yes"), nargs="?", const=True,
                            default=f.default)
         else:
-            p.add_argument(*names, type=f.type, default=f.default)
+            p.add_argument(*names, type=f.type, default=f.default, choices=CHOICES.get(f.name))
     cfg = Config(**vars(p.parse_args(argv)))
-    choices = dict(env=("alfworld", "webshop"), adv=("hae", "gae", "grpo"), backend=("hf", "vllm"),
-                   keep_mode=("fixed", "normalized"))
-    for name, allowed in choices.items():
-        if getattr(cfg, name) not in allowed:
-            p.error(f"--{name} {getattr(cfg, name)}: expected one of {', '.join(allowed)}")
-    positive = ("n_envs", "max_turns", "env_max_steps", "max_new_tokens", "minibatch", "microbatch", "ppo_epochs",
-                "save_every", "eval_episodes", "group_size", "max_prompt")
-    for name in positive + ("iters", "history", "env_workers", "critic_epochs", "critic_warmup", "eval_every"):
-        if getattr(cfg, name) < (name in positive):
-            p.error(f"--{name} {getattr(cfg, name)}: must be {'at least 1' if name in positive else 'at least 0'}")
+    for name in AT_LEAST_1 + AT_LEAST_0:
+        if getattr(cfg, name) < (name in AT_LEAST_1):
+            p.error(f"--{name} {getattr(cfg, name)}: must be at least {int(name in AT_LEAST_1)}")
     if cfg.adv == "grpo" and (cfg.env != "alfworld" or cfg.n_envs % cfg.group_size):
         p.error(f"--adv grpo needs --env alfworld (groups replay one game) and --n_envs {cfg.n_envs} divisible by "
                 f"--group_size {cfg.group_size}")
@@ -288,7 +290,7 @@ def vllm_engine(cfg, path, device):
                  max_model_len=cfg.max_prompt + cfg.max_new_tokens, gpu_memory_utilization=cfg.vllm_memory,
                  distributed_executor_backend="uni", worker_extension_cls="hiper.WeightSync")
     if cuda:
-        engine.sleep(level=2)
+        engine.sleep(level=1)  # level 1 keeps a CPU copy of every tensor: level 2 may lose buffers (rotary caches)
     return engine
 
 
@@ -307,7 +309,7 @@ def awake(engine, policy):
         yield
     finally:
         if cuda:
-            engine.sleep(level=2)
+            engine.sleep(level=1)
 
 
 class WeightSync:
@@ -354,26 +356,19 @@ def rollout(cfg, policy, tok, pool, temperature, games=None, engine=None):
                                  state[i]["subgoal"], state[i]["info"]["admissible_actions"]) for i in active]
             outs = generate(policy, tok, prompts, cfg.max_new_tokens, temperature, cfg.max_prompt, engine)
             actions = [None] * len(state)
-            parsed = {}
             for i, (p_ids, r_ids) in zip(active, outs):
                 text = tok.decode(r_ids, skip_special_tokens=True)
-                actions[i], valid, subgoal = envs.parse_response(text, cfg.env)
-                parsed[i] = (p_ids, r_ids, text, subgoal, valid)
+                # the next prompt shows this turn's <subgoal> text, or the official fallback (§2)
+                actions[i], valid, state[i]["subgoal"] = envs.parse_response(text, cfg.env)
+                trajs[i].append(dict(prompt=p_ids, response=r_ids, text=text, valid=valid,
+                                     boundary=step == 0 or envs.is_boundary(text)))
             results = pool.step(actions)
-            still = []
             for i in active:
-                obs, reward, terminated, truncated, info = results[i]
-                p_ids, r_ids, text, subgoal, valid = parsed[i]
-                trajs[i].append(dict(prompt=p_ids, response=r_ids, text=text, valid=valid, won=info["won"],
-                                     done=terminated, boundary=step == 0 or envs.is_boundary(text),
-                                     task_type=info["task_type"]))
-                st = state[i]
-                st["history"].append((st["obs"], actions[i]))
-                st["obs"], st["info"] = obs, info
-                st["subgoal"] = subgoal  # the last turn's <subgoal> text, or the official fallback (§2)
-                if not (terminated or truncated):
-                    still.append(i)
-            active = still
+                obs, _, terminated, _, info = results[i]
+                trajs[i][-1].update(won=info["won"], done=terminated, task_type=info["task_type"])
+                state[i]["history"].append((state[i]["obs"], actions[i]))
+                state[i].update(obs=obs, info=info)
+            active = [i for i in active if not (results[i][2] or results[i][3])]  # terminated or truncated
     return trajs
 
 
@@ -461,56 +456,48 @@ def score(cfg, trajs, tok, policy, ref, critic):
 def advantages(cfg, trajs):
     """Turn samples of the whole batch (all ranks' trajectories) with advantages, loss masks and returns: HAE
     (§5), or a flat baseline (--adv gae | grpo)."""
-    samples = []
-    for b, traj in enumerate(trajs):
-        for t, turn in enumerate(traj):
-            turn.update(b=b, t=t)
-            samples.append(turn)
-    every_block = lambda m: torch.tensor([any(x) for x in zip(m["action"], m["subgoal"], m["switch"])])  # noqa: E731
+    samples = [turn for traj in trajs for turn in traj]
+    blocks = lambda s: torch.tensor([s["masks"][k] for k in ("action", "subgoal", "switch")])  # noqa: E731  [3, R]
     if cfg.adv == "grpo":  # episode return, normalised within its group of episodes on the same game; no critic
         ret = torch.tensor([sum(turn["reward"] for turn in tr) for tr in trajs]).view(-1, cfg.group_size)
         a_ep = ((ret - ret.mean(1, keepdim=True)) / (ret.std(1, keepdim=True) + 1e-6)).flatten()
-        for s in samples:
-            s["loss_mask"] = every_block(s["masks"])
-            s["adv"] = a_ep[s["b"]] * s["loss_mask"]
+        for b, traj in enumerate(trajs):
+            for s in traj:
+                s["loss_mask"] = blocks(s).any(0)
+                s["adv"] = a_ep[b] * s["loss_mask"]
         return samples
     B, T = len(trajs), max(len(tr) for tr in trajs)
-    z = lambda dtype=torch.float32: torch.zeros(B, T, dtype=dtype)  # noqa: E731
-    r, v_low, v_high, v_term = z(), z(), z(), z()
-    boundary, done, mask = z(torch.bool), z(torch.bool), z(torch.bool)
-    for s in samples:
-        b, t = s["b"], s["t"]
-        r[b, t], mask[b, t], done[b, t] = s["reward"], True, s["done"]
-        v_low[b, t], v_high[b, t], v_term[b, t] = s["values"]
-        boundary[b, t] = s["boundary"] if cfg.adv == "hae" else t == 0
+    r, v_low, v_high, v_term = torch.zeros(4, B, T)
+    boundary, done, mask = torch.zeros(3, B, T, dtype=torch.bool)
+    has = torch.zeros(3, B, T, dtype=torch.bool)  # the turn has an action, subgoal, switch block
+    for b, traj in enumerate(trajs):
+        for t, s in enumerate(traj):
+            r[b, t], mask[b, t], done[b, t], has[:, b, t] = s["reward"], True, s["done"], blocks(s).any(1)
+            v_low[b, t], v_high[b, t], v_term[b, t] = s["values"]
+            boundary[b, t] = s["boundary"] if cfg.adv == "hae" else t == 0
     if cfg.adv == "gae":  # flat: one segment per episode, V_low everywhere
         v_high = v_low.clone()
     boot = self_bootstrap(v_low, v_high, boundary, mask) if cfg.bootstrap_truncated else None
     out = hae(r, v_low, v_high, boundary, done, mask, boot, gamma=cfg.gamma, lam=cfg.lam, lam_seg=cfg.lam_seg)
     adv_term, ret_term = term_advantage(r, v_term, v_high, boundary, done, mask, boot, gamma=cfg.gamma)
-    has = lambda key: torch.tensor([[any(trajs[b][t]["masks"][key]) if t < len(trajs[b]) else False  # noqa: E731
-                                     for t in range(T)] for b in range(B)])
     start = segment_starts(boundary, mask)
     # §5 step 5: normalise each level over its own turns, after the returns were formed
-    a_low = normalize(out.adv_low, mask & has("action"))
-    a_high = normalize(out.adv_high, start & has("subgoal"))  # segment_starts is within the mask
-    a_term = normalize(adv_term, mask & has("switch"))
-    flat = cfg.adv == "gae"
-    for s in samples:
-        b, t = s["b"], s["t"]
-        m = s["masks"]
-        first = bool(start[b, t])
-        if flat:  # flat PPO: the turn's GAE advantage on all three blocks, only the V_low head trained
-            s["loss_mask"] = every_block(m)
-            s["adv"] = a_low[b, t] * s["loss_mask"]
-            s["value_mask"] = torch.tensor([True, False, False])
-        else:  # §5 step 4: A_low on action tokens, A_high on subgoal tokens of boundary turns, A_term on switch
-            s["adv"] = torch.tensor([a_low[b, t] * ma + a_high[b, t] * (ms and first) + a_term[b, t] * mw
-                                     for ma, ms, mw in zip(m["action"], m["subgoal"], m["switch"])])
-            s["loss_mask"] = torch.tensor([ma or (ms and first) or mw
-                                           for ma, ms, mw in zip(m["action"], m["subgoal"], m["switch"])])
-            s["value_mask"] = torch.tensor([True, first, True])
-        s["returns"] = torch.stack([out.ret_low[b, t], out.ret_high[b, t], ret_term[b, t]])
+    a_low = normalize(out.adv_low, mask & has[0])
+    a_high = normalize(out.adv_high, start & has[1])  # segment_starts is within the mask
+    a_term = normalize(adv_term, mask & has[2])
+    for b, traj in enumerate(trajs):
+        for t, s in enumerate(traj):
+            action, subgoal, switch = blocks(s)
+            if cfg.adv == "gae":  # flat PPO: the turn's GAE advantage on all three blocks, only V_low trained
+                s["loss_mask"] = action | subgoal | switch
+                s["adv"] = a_low[b, t] * s["loss_mask"]
+                s["value_mask"] = torch.tensor([True, False, False])
+            else:  # §5 step 4: A_low on action tokens, A_high on subgoal tokens of boundary turns, A_term on switch
+                subgoal &= start[b, t]
+                s["loss_mask"] = action | subgoal | switch
+                s["adv"] = a_low[b, t] * action + a_high[b, t] * subgoal + a_term[b, t] * switch
+                s["value_mask"] = torch.stack([torch.tensor(True), start[b, t], torch.tensor(True)])
+            s["returns"] = torch.stack([out.ret_low[b, t], out.ret_high[b, t], ret_term[b, t]])
     return samples
 
 
@@ -592,30 +579,26 @@ def env_pool(cfg, n, split, seed):
                         data_dir=cfg.data_dir, **limit)
 
 
-def evaluate(cfg, policy, tok, split, engine=None):
-    """Every game of the split `cfg.eval_episodes` times at the validation temperature, each evaluation from the
-    same sampling seed, so that two policies are compared on the same games and seeds (paired). Returns success
-    overall and per type, and `wins` per game and episode. `success_128` re-scores the same episodes as the
-    official protocol draws them, 128 with repeats (seeded): comparable to the paper's protocol, not a new run."""
-    n = len(envs.alfworld_game_files(cfg.data_dir, split)) if cfg.env == "alfworld" else envs.WEBSHOP_N_EVAL_GOALS
-    games = share([g for g in range(n) for _ in range(cfg.eval_episodes)])  # torchrun: each rank plays its share
-    torch.manual_seed(cfg.seed + 1000 + world()[0])  # the same sampling stream at every evaluation
-    pool = env_pool(cfg, len(games), split, cfg.seed + 1000)
-    try:
-        trajs = gather(rollout(cfg, policy, tok, pool, cfg.eval_temperature, games, engine))
-    finally:
-        pool.close()
-    won = [int(tr[-1]["won"]) for tr in trajs]
-    draw = random.Random(cfg.seed + 1000).choices(range(len(trajs)), k=128)
-    return dict(success_by_type(trajs), success_128=sum(won[i] for i in draw) / 128,
-                wins=[won[g * cfg.eval_episodes:(g + 1) * cfg.eval_episodes] for g in range(n)])
-
-
 def validate(cfg, policy, tok, updates, engine=None):
-    """Success overall and per task type on each validation split (§11) after `updates` iterations."""
+    """After `updates` iterations: every game of each validation split (§11) `cfg.eval_episodes` times at the
+    validation temperature, from the same sampling seed at every validation, so that two policies meet the same
+    games and seeds (paired). Per split: success overall and per type, `wins` per game and episode, and
+    `success_128`, the same episodes re-scored as the official protocol draws them (128 with repeats, seeded)."""
     line = dict(updates=updates)
     for split in ("valid_seen", "valid_unseen") if cfg.env == "alfworld" else ("test",):
-        line.update({f"{split}/{k}": v for k, v in evaluate(cfg, policy, tok, split, engine).items()})
+        n = len(envs.alfworld_game_files(cfg.data_dir, split)) if cfg.env == "alfworld" else envs.WEBSHOP_N_EVAL_GOALS
+        games = share([g for g in range(n) for _ in range(cfg.eval_episodes)])  # torchrun: each rank its share
+        torch.manual_seed(cfg.seed + 1000 + world()[0])  # the same sampling stream at every validation
+        pool = env_pool(cfg, len(games), split, cfg.seed + 1000)
+        try:
+            trajs = gather(rollout(cfg, policy, tok, pool, cfg.eval_temperature, games, engine))
+        finally:
+            pool.close()
+        won = [int(tr[-1]["won"]) for tr in trajs]
+        draw = random.Random(cfg.seed + 1000).choices(range(len(trajs)), k=128)
+        k = cfg.eval_episodes
+        line.update({f"{split}/{key}": v for key, v in dict(success_by_type(trajs), wins=[
+            won[g * k:(g + 1) * k] for g in range(n)], success_128=sum(won[i] for i in draw) / 128).items()})
     return line
 
 
@@ -697,15 +680,13 @@ def trim_metrics(cfg, start):
     """<run>/metrics.jsonl up to iteration `start` (training lines ≤ start, validations before it), so that a
     resumed run logs every iteration and validation once; a fresh run (start 0) starts an empty log."""
     path = os.path.join(cfg.run_dir, "metrics.jsonl")
-    if world()[0] > 0 or not os.path.exists(path):
-        return
-    with open(path) as f:
-        lines = [x for x in f if x.strip()]
-    keep = [x for x in lines if json.loads(x).get("iteration", start + 1) <= start or
-            json.loads(x).get("updates", start) < start]
-    with open(path + ".tmp", "w") as f:
-        f.writelines(keep)
-    os.replace(path + ".tmp", path)
+    if world()[0] == 0 and os.path.exists(path):
+        with open(path) as f:  # complete lines only: a crash may have cut the last one
+            lines = [json.loads(x) for x in f if x.endswith("\n")]
+        with open(path + ".tmp", "w") as f:
+            f.writelines(json.dumps(x) + "\n" for x in lines
+                         if x.get("iteration", 0) <= start and x.get("updates", -1) < start)
+        os.replace(path + ".tmp", path)
 
 
 def explained_variance(samples):
@@ -723,7 +704,7 @@ def main(argv=None):
     try:
         train(cfg, device)
     finally:
-        if dist.is_initialized():
+        if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # the group init_distributed made (an in-process vLLM has its own)
             dist.destroy_process_group()
 
 
@@ -778,6 +759,9 @@ def train(cfg, device):
             critic_on, actor_on = cfg.adv != "grpo", it >= cfg.critic_warmup  # grpo: no critic
             c_stats, c_skip = update(cfg, critic, critic_opt, samples, critic_loss, tok.pad_token_id, rng,
                                      cfg.critic_epochs) if critic_on else (nan, 0)
+            if cfg.actor_lr_decay and actor_on:  # actor_lr·(1 − k/K) at the actor's k-th of K iterations
+                k, n = it - cfg.critic_warmup, cfg.iters - cfg.critic_warmup
+                actor_opt.param_groups[0]["lr"] = cfg.actor_lr * (1 - k / n)
             a_stats, a_skip = update(cfg, policy, actor_opt, samples, actor_loss, tok.pad_token_id, rng,
                                      cfg.ppo_epochs) if actor_on else (nan, 0)
             ev = explained_variance(samples) if critic_on else nan

@@ -1,7 +1,12 @@
-"""Tables and plots from run folders (their metrics.jsonl), for one run or for `bash train.sh compare`.
+"""Tables, verdicts and plots from run folders (their metrics.jsonl), for one run or for `bash train.sh compare`.
 
-    python report.py runs/demo                      # validation success, first vs last evaluation; runs/demo/curve.png
+    python report.py runs/demo                      # validation success first vs last, the paired verdict
+                                                    # (runs/demo/verdict.json) and runs/demo/curve.png
     python report.py --compare runs/compare results # HiPER vs flat PPO-GAE vs GRPO: results/compare.csv, compare.png
+
+The verdict: held-out success pooled over the validation splits, every game played the same number of times
+before and after training from the same sampling seed, so the change is paired per game; its 95 % interval is
+scipy's bootstrap over games (percentile method, 10,000 resamples, seeded).
 
 A comparison has one run folder per (method, seed), named METHOD-sSEED. Per run: held-out success after
 training (valid_seen, valid_unseen), invalid-action rate and mean segment length over the run's training
@@ -11,10 +16,11 @@ import csv
 import glob
 import json
 import os
-import statistics
 import sys
 
 import matplotlib
+import numpy as np
+from scipy import stats
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -28,15 +34,46 @@ def read_metrics(run):
     return [x for x in lines if "updates" in x], [x for x in lines if "iteration" in x]
 
 
+def per_game(line):
+    """Success per held-out game (mean over its episodes), all validation splits of a validation line in order."""
+    return [sum(w) / len(w) for key in sorted(k for k in line if k.endswith("/wins")) for w in line[key]]
+
+
+def interval(before, after):
+    """Mean paired change over games (after − before, one value per game) and its 95 % bootstrap interval."""
+    d = np.asarray(after) - np.asarray(before)
+    if np.ptp(d) == 0:  # every game changed by the same amount: the interval is that point
+        return float(d.mean()), float(d[0]), float(d[0])
+    ci = stats.bootstrap((d,), np.mean, n_resamples=10_000, method="percentile", random_state=0).confidence_interval
+    return float(d.mean()), float(ci.low), float(ci.high)
+
+
+def verdict(run):
+    """<run>/verdict.json: held-out success before (first validation) and after (last), paired per game."""
+    evals, _ = read_metrics(run)
+    before, after = per_game(evals[0]), per_game(evals[-1])
+    delta, low, high = interval(before, after)
+    wins = next(v for k, v in evals[0].items() if k.endswith("/wins"))
+    out = dict(before=float(np.mean(before)), after=float(np.mean(after)), delta=delta, ci_low=low, ci_high=high,
+               games=len(before), episodes_per_game=len(wins[0]), updates=evals[-1]["updates"])
+    with open(os.path.join(run, "verdict.json"), "w") as f:
+        json.dump(out, f, indent=1)
+    print(f"held-out success {out['before']:.3f} -> {out['after']:.3f} after {out['updates']} iterations: "
+          f"{100 * delta:+.1f} points, 95 % CI [{100 * low:+.1f}, {100 * high:+.1f}] ({out['games']} games, "
+          f"{out['episodes_per_game']} episodes per game, paired)")
+    return out
+
+
 def report(run):
-    """Print validation success per task type, first vs last evaluation, and plot the learning curves to
-    <run>/curve.png (training success per iteration, validation success per evaluation)."""
+    """Print validation success per task type, first vs last evaluation, and the paired verdict; plot the
+    learning curves to <run>/curve.png (training success per iteration, validation success per evaluation)."""
     evals, train = read_metrics(run)
     first, last = evals[0], evals[-1]
     head = [f"iteration {x['updates']}" for x in (first, last)]
     print(f"\n{'validation success':<52} {head[0]:>12} {head[1]:>12}")
-    for key in sorted(k for k in first if k != "updates"):
+    for key in sorted(k for k in first if k != "updates" and not k.endswith("/wins")):
         print(f"{key:<52} {first[key]:>12.2f} {last.get(key, float('nan')):>12.2f}")
+    verdict(run)
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot([x["iteration"] for x in train], [x["success"] for x in train], ".-", alpha=0.5, label="train episodes")
     for split in sorted({k.split("/")[0] for k in first if k.endswith("/success")}):
@@ -54,52 +91,69 @@ def finished(pattern):
 
 
 def compare(root, out):
-    """<out>/compare.csv (one row per run) and compare.png; prints the mean ± std table."""
-    rows = []
+    """<out>/compare.csv (one row per run, then one per method over its seeds, then HiPER − flat GAE) and
+    <out>/compare.png; prints the table. A method's change over seeds is the mean over seeds of each game's
+    paired change; its interval is the bootstrap over games of that mean (the seeds of a game stay together)."""
+    rows, per_game = [], {}
     for run in finished(os.path.join(root, "*-s*")):
         method, seed = os.path.basename(run).rsplit("-s", 1)
         evals, train = read_metrics(run)
+        before, after = per_game(evals[0]), per_game(evals[-1])
+        per_game.setdefault(method, []).append((before, after))
         n_envs = json.load(open(os.path.join(run, "config.json")))["n_envs"]
-        rows.append(dict(method=method, seed=int(seed), iterations=len(train),
+        third = max(1, len(train) // 3)
+        rows.append(dict(method=method, seed=seed, iterations=len(train),
                          env_steps=round(n_envs * sum(x["episode_length"] for x in train)),
-                         valid_seen=evals[-1]["valid_seen/success"], valid_unseen=evals[-1]["valid_unseen/success"],
-                         warm_seen=evals[0]["valid_seen/success"], warm_unseen=evals[0]["valid_unseen/success"],
-                         invalid_rate=statistics.mean(x["invalid_rate"] for x in train),
-                         segment_length=statistics.mean(x["mean_segment_length"] for x in train)))
+                         before=np.mean(before), after=np.mean(after), **dict(zip(("delta", "ci_low", "ci_high"),
+                                                                                   interval(before, after))),
+                         train_first_third=np.mean([x["success"] for x in train[:third]]),
+                         train_last_third=np.mean([x["success"] for x in train[-third:]]),
+                         invalid_rate=np.mean([x["invalid_rate"] for x in train]),
+                         segment_length=np.mean([x["mean_segment_length"] for x in train])))
+    summary = {}
+    for m, runs in per_game.items():  # per game: mean over seeds of before and after
+        summary[m] = (np.mean([b for b, _ in runs], 0), np.mean([a for _, a in runs], 0))
+        rs = [r for r in rows if r["method"] == m]
+        rows.append(dict(method=m, seed=f"{len(runs)} seeds", iterations=rs[0]["iterations"],
+                         env_steps=round(np.mean([r["env_steps"] for r in rs])), before=summary[m][0].mean(),
+                         after=summary[m][1].mean(), **dict(zip(("delta", "ci_low", "ci_high"), interval(*summary[m]))),
+                         **{k: np.mean([r[k] for r in rs]) for k in ("train_first_third", "train_last_third",
+                                                                     "invalid_rate", "segment_length")}))
+    if {"hae", "gae"} <= set(summary):  # HiPER − flat GAE: per game, the difference of the two changes
+        d_hae, d_gae = (summary[m][1] - summary[m][0] for m in ("hae", "gae"))
+        rows.append(dict(method="hae - gae", seed="per game", **dict(zip(("delta", "ci_low", "ci_high"),
+                                                                          interval(d_gae, d_hae)))))
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "compare.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
-        w.writerows(rows)
-    ms = lambda xs: f"{statistics.mean(xs):.2f} ± {statistics.stdev(xs) if len(xs) > 1 else 0:.2f}"  # noqa: E731
-    print("| method | seeds | env steps | valid_seen | valid_unseen | invalid rate | segment length |")
-    print("|---|---|---|---|---|---|---|")
-    for m, name in METHODS.items():
-        rs = [r for r in rows if r["method"] == m]
-        if rs:
-            print(f"| {name} | {len(rs)} | {statistics.mean(r['env_steps'] for r in rs):.0f} | "
-                  f"{ms([r['valid_seen'] for r in rs])} | {ms([r['valid_unseen'] for r in rs])} | "
-                  f"{ms([r['invalid_rate'] for r in rs])} | {ms([r['segment_length'] for r in rs])} |")
-    warm = [r["warm_unseen"] for r in rows]
-    print(f"warm start (before RL), valid_unseen: {ms(warm)}; valid_seen: {ms([r['warm_seen'] for r in rows])}")
+        w.writerows([{k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()} for r in rows])
+    print("| method | seeds | iterations | held-out before | after | change (points) | 95 % CI | train success, "
+          "first → last third |")
+    print("|---|---|---|---:|---:|---:|---|---|")
+    for r in rows:
+        if not str(r["seed"]).isdigit() and r["method"] != "hae - gae":
+            ci = f"[{100 * r['ci_low']:+.1f}, {100 * r['ci_high']:+.1f}]"
+            print(f"| {METHODS[r['method']]} | {r['seed']} | {r['iterations']} | {r['before']:.3f} | "
+                  f"{r['after']:.3f} | {100 * r['delta']:+.1f} | {ci} | "
+                  f"{r['train_first_third']:.2f} → {r['train_last_third']:.2f} |")
+    for r in rows:
+        if r["method"] == "hae - gae":
+            print(f"HiPER − flat GAE, change in held-out success: {100 * r['delta']:+.1f} points, 95 % CI "
+                  f"[{100 * r['ci_low']:+.1f}, {100 * r['ci_high']:+.1f}] (bootstrap over games)")
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.5), sharey=True)
     for m, name in METHODS.items():
-        runs = finished(os.path.join(root, f"{m}-s*"))
-        if not runs:
+        curves = [read_metrics(r) for r in finished(os.path.join(root, f"{m}-s*"))]
+        if not curves:
             continue
-        curves = [read_metrics(r) for r in runs]
         xs = [x["iteration"] for x in curves[0][1]]
-        train = [statistics.mean(c[1][i]["success"] for c in curves) for i in range(len(xs))]
-        axes[0].plot(xs, train, ".-", label=name)
+        axes[0].plot(xs, [np.mean([c[1][i]["success"] for c in curves]) for i in range(len(xs))], ".-", label=name)
         ux = [e["updates"] for e in curves[0][0]]
-        held = [[(c[0][i]["valid_seen/success"] + c[0][i]["valid_unseen/success"]) / 2 for c in curves]
-                for i in range(len(ux))]
-        mean = [statistics.mean(h) for h in held]
-        sd = [statistics.stdev(h) if len(h) > 1 else 0 for h in held]
-        axes[1].plot(ux, mean, "o-", label=name)
-        axes[1].fill_between(ux, [a - b for a, b in zip(mean, sd)], [a + b for a, b in zip(mean, sd)], alpha=0.2)
+        held = np.array([[np.mean(per_game(c[0][i])) for c in curves] for i in range(len(ux))])  # [evals, seeds]
+        axes[1].plot(ux, held.mean(1), "o-", label=name)
+        axes[1].fill_between(ux, held.min(1), held.max(1), alpha=0.2)
     axes[0].set(xlabel="iteration", ylabel="success rate", title="training episodes (mean over seeds)")
-    axes[1].set(xlabel="iteration", title="held-out games (valid_seen + valid_unseen)")
+    axes[1].set(xlabel="iteration", title="held-out games, pooled (mean; band: min-max over seeds)")
     axes[1].legend()
     fig.suptitle("Generated ALFWorld games, tiny model: not the paper's benchmark", fontsize=9)
     fig.tight_layout()

@@ -5,6 +5,7 @@
 #   bash train.sh compare    CPU: HiPER vs flat PPO-GAE vs GRPO from one warm start, 3 seeds → results/
 #   bash train.sh alfworld   paper settings, ALFWorld (κ = −0.3, bootstrap_truncated on), vLLM; MODEL=... for 7B
 #   bash train.sh webshop    paper settings, WebShop (κ = −3.5, bootstrap_truncated off), vLLM; needs WEBSHOP_PATH
+#   bash train.sh gpu-check  2 iterations with vLLM on a random Qwen2.5-1.5B-shaped model: checks the GPU path
 # RUN=dir changes the run folder; SFT_EPOCHS=n the demo's warm-start epochs. NGPUS=n (GPUs per node) and NNODES=m
 # (run the same command on every node, with MASTER_ADDR set to the first node) launch the GPU presets with torchrun:
 # one process per GPU, FSDP2.
@@ -17,8 +18,9 @@ LAUNCH=(python)
 [ "${NGPUS:-1}${NNODES:-1}" = 11 ] || LAUNCH=(torchrun --nnodes "${NNODES:-1}" --nproc_per_node "${NGPUS:-1}"
   --rdzv_backend c10d --rdzv_endpoint "${MASTER_ADDR:-localhost}:${MASTER_PORT:-29500}" --rdzv_id hiper)
 DATA=data/alfworld
-# the CPU demo's settings: short episodes, one history record, a 0.7M-parameter model, lr for its size
-DEMO=(--data_dir "$DATA" --history 1 --max_turns 20 --max_new_tokens 40 --n_envs 16 --minibatch 64
+# the CPU demo's settings: 20-turn episodes (a time-out is terminal, as in the official runs), one history record,
+# a 0.7M-parameter model, lr for its size
+DEMO=(--data_dir "$DATA" --history 1 --max_turns 20 --env_max_steps 20 --max_new_tokens 40 --n_envs 16 --minibatch 64
       --microbatch 16 --actor_lr 5e-4 --critic_lr 5e-4 --save_every 5 --iters 8 --eval_every 8)
 # demo.py: the games (once), a tiny model, and its supervised warm start (8 epochs: ~7 of the 20 minutes)
 KIT=(--data_dir "$DATA" --history 1 --max_turns 20 --sft_epochs "${SFT_EPOCHS:-8}")
@@ -50,5 +52,7 @@ case "$preset" in
     "${LAUNCH[@]}" hiper.py --env webshop --model "$MODEL" --run_dir "$run" --backend vllm --kappa -3.5 \
       --grad_checkpointing true --bootstrap_truncated false "$@"
     python report.py "$run" ;;
-  *) echo "usage: bash train.sh [demo|compare|alfworld|webshop] [--field value ...]" >&2; exit 2 ;;
+  gpu-check)  # the GPU path without downloads: vLLM sleep/wake and weight sync, phase times, peak memory (~8 min)
+    python bench_step.py --check ;;
+  *) echo "usage: bash train.sh [demo|compare|alfworld|webshop|gpu-check] [--field value ...]" >&2; exit 2 ;;
 esac

@@ -24,6 +24,23 @@ def test_generated_layout_matches_release(alf_data):
         assert os.path.basename(os.path.dirname(os.path.dirname(f))).startswith(traj["task_type"])
 
 
+@pytest.mark.parametrize("split", ["train", "valid_seen", "valid_unseen"])
+def test_planner_wins_every_generated_game_on_the_real_engine(alf_data, split):
+    env = demo.planner_env(split, alf_data)
+    seen_types = set()
+    for gi in range(len(env.game_files)):
+        obs, info = env.reset(gi)
+        assert info["task"] and info["task"] in obs and "help" in info["admissible_actions"]
+        seen_types.add(info["task_type"])
+        for _ in range(30):
+            obs, reward, terminated, truncated, info = env.step(env.state["policy_commands"][0])
+            assert info["valid_action"]
+            if terminated:
+                break
+        assert info["won"] and reward == 1.0 and terminated and not truncated, env.game_file
+    assert seen_types == set(envs.ALFWORLD_TASK_TYPES)
+
+
 @pytest.mark.parametrize("action, subgoal", [
     ("take apple 1 from countertop 2", "find and take the apple"),
     ("clean butterknife 1 with sinkbasin 1", "clean the butterknife with the sinkbasin"),
@@ -36,12 +53,14 @@ def test_stage_subgoals(action, subgoal):
     assert demo._stage_subgoal(action) == subgoal
 
 
-def test_search_opens_then_walks_the_sorted_list_round():
-    admissible = ["go to cabinet 1", "go to drawer 1", "go to fridge 1", "help", "inventory", "look"]
-    assert demo._search(admissible, None) == "go to cabinet 1"  # nowhere yet: the first receptacle
-    assert demo._search(admissible + ["open desk 1"], "desk 1") == "open desk 1"  # closed: look inside first
-    assert demo._search(admissible, "desk 1") == "go to drawer 1"  # the next one after "desk 1"
-    assert demo._search(admissible, "garbagecan 1") == "go to cabinet 1"  # past the last: wrap around
+def test_search_opens_then_walks_the_order_round():
+    admissible = ["go to cabinet 1", "go to drawer 1", "go to fridge 1", "help", "inventory", "look"]  # at desk 1
+    order = ["cabinet 1", "desk 1", "drawer 1", "fridge 1"]
+    assert demo._search(admissible, None, order) == "go to cabinet 1"  # nowhere yet: the first receptacle
+    assert demo._search(admissible + ["open desk 1"], "desk 1", order) == "open desk 1"  # closed: look inside first
+    assert demo._search(admissible, "desk 1", order) == "go to drawer 1"  # the next one in the order
+    assert demo._search(admissible, "fridge 1", order) == "go to cabinet 1"  # past the last: wrap around
+    assert demo._search(admissible, "desk 1", order[::-1]) == "go to cabinet 1"  # another order, another next
 
 
 def test_plan_execute_demos_replay_and_follow_the_format(alf_data):

@@ -2,6 +2,7 @@
 import json
 import os
 import random
+import signal
 
 import pytest
 
@@ -86,23 +87,6 @@ def test_boundary_parse(text, boundary):
 
 
 
-@pytest.mark.parametrize("split", ["train", "valid_seen", "valid_unseen"])
-def test_planner_expert_wins_every_game(alf_data, split):
-    env = envs.make("alfworld", split=split, data_dir=alf_data, expert=True)
-    seen_types = set()
-    for gi in range(len(env.game_files)):
-        obs, info = env.reset(gi)
-        assert info["task"] and info["task"] in obs and "help" in info["admissible_actions"]
-        seen_types.add(info["task_type"])
-        for _ in range(30):
-            obs, reward, terminated, truncated, info = env.step(info["expert_action"])
-            assert info["valid_action"]
-            if terminated:
-                break
-        assert info["won"] and reward == 1.0 and terminated and not truncated, env.game_file
-    assert seen_types == set(envs.ALFWORLD_TASK_TYPES)
-
-
 def test_invalid_actions_are_answered_not_raised(alf_data):
     env = envs.make("alfworld", data_dir=alf_data, max_steps=10)
     env.reset(0)
@@ -181,12 +165,25 @@ def test_missing_data_says_where_and_how(tmp_path):
 
 
 def test_reset_reuses_cached_translation(alf_data):
+    from textworld.envs.pddl import logic
     env = envs.make("alfworld", data_dir=alf_data)
     env.reset(1)
-    before = envs._cached_pddl2sas.cache_info()
+    cache = logic.fast_downward.pddl2sas
+    before = cache.cache_info()
     env.reset(1)
-    after = envs._cached_pddl2sas.cache_info()
+    after = cache.cache_info()
     assert after.misses == before.misses and after.hits == before.hits + 2  # plain and optimised translation
+    assert after.maxsize == envs.SAS_CACHE  # bounded: least recently used translations go first
+
+
+def test_engine_cache_keeps_the_most_recent_games(alf_data):
+    """At most max_engines loaded engines per env, the least recently used evicted; an evicted game reloads."""
+    env = envs.make("alfworld", data_dir=alf_data, max_engines=2)
+    first = {g: env.reset(g)[0] for g in (0, 1)}
+    env.reset(0)
+    env.reset(2)
+    assert list(env._envs) == [env.game_files[0], env.game_files[2]]  # game 1 was the least recently used
+    assert env.reset(1)[0] == first[1] and list(env._envs) == [env.game_files[2], env.game_files[1]]
 
 
 def test_pool_matches_serial(alf_data):
@@ -205,6 +202,21 @@ def test_pool_matches_serial(alf_data):
             want = [None if a is None else env.step(a) for env, a in zip(serial, actions)]
             assert got == want
             infos = [g[4] if g is not None else infos[i] for i, g in enumerate(got)]
+    finally:
+        pool.close()
+
+
+def test_pool_workers_come_from_a_forkserver_and_their_death_is_reported(alf_data):
+    """Workers are not forked from this process (which may hold CUDA or vLLM threads) but from a clean server;
+    a worker killed mid-run is reported, not waited for."""
+    pool = envs.EnvPool("alfworld", 2, workers=2, data_dir=alf_data)
+    try:
+        parents = [int(open(f"/proc/{p.pid}/stat").read().split(")")[1].split()[1]) for p in pool.procs]
+        assert os.getpid() not in parents and len(set(parents)) == 1
+        pool.reset()
+        os.kill(pool.procs[1].pid, signal.SIGKILL)
+        with pytest.raises(RuntimeError, match="env worker 1 died"):
+            pool.step(["look", "look"])
     finally:
         pool.close()
 

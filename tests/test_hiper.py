@@ -313,8 +313,8 @@ def test_explained_variance_against_a_hand_computation():
 
 
 def test_paired_evaluation_replays_the_same_games_and_seeds(tiny, alf_data, monkeypatch):
-    """Each game eval_episodes times, every evaluation from the same sampling seed whatever came before: the
-    same policy evaluated twice plays the same games and samples the same responses."""
+    """Each game eval_episodes times, every validation from the same sampling seed whatever came before: the
+    same policy validated twice plays the same games and samples the same responses."""
     _, (tok, policy, _, _) = tiny
     cfg = hiper.Config(data_dir=alf_data, max_turns=2, max_new_tokens=12, eval_episodes=2, eval_temperature=1.0)
     calls, real = [], hiper.rollout
@@ -326,10 +326,39 @@ def test_paired_evaluation_replays_the_same_games_and_seeds(tiny, alf_data, monk
         return trajs
 
     monkeypatch.setattr(hiper, "rollout", spy)
-    first = hiper.evaluate(cfg, policy, tok, "valid_seen")
+    first = hiper.validate(cfg, policy, tok, 0)
     torch.manual_seed(12345)
     torch.rand(7)
-    second = hiper.evaluate(cfg, policy, tok, "valid_seen")
-    assert calls[0] == calls[1] and calls[0][0] == [g for g in range(6) for _ in range(2)]
+    second = hiper.validate(cfg, policy, tok, 0)
+    assert calls[:2] == calls[2:] and calls[0][0] == [g for g in range(6) for _ in range(2)]
     assert len(set(calls[0][2])) > 1  # sampled, not greedy
-    assert first == second and len(first["wins"]) == 6 and all(len(w) == 2 for w in first["wins"])
+    wins = first["valid_seen/wins"]
+    assert first == second and len(wins) == 6 and all(len(w) == 2 for w in wins)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--n_envs", "0"], "--n_envs 0: must be at least 1"), (["--minibatch", "0"], "--minibatch 0: must be at least 1"),
+    (["--microbatch", "-2"], "--microbatch -2: must be at least 1"), (["--iters", "-1"], "--iters -1: must be at least 0"),
+    (["--eval_episodes", "0"], "--eval_episodes 0: must be at least 1"), (["--adv", "ppo"], "invalid choice: 'ppo'"),
+    (["--adv", "grpo", "--n_envs", "12", "--group_size", "8"], "--n_envs 12 divisible by --group_size 8"),
+    (["--adv", "grpo", "--env", "webshop"], "--adv grpo needs --env alfworld"),
+    (["--keep_mode", "sometimes"], "invalid choice: 'sometimes'"), (["--env", "minecraft"], "invalid choice"),
+])
+def test_settings_that_cannot_work_fail_in_one_line_before_any_model(args, message, capsys):
+    with pytest.raises(SystemExit):
+        hiper.main(["--model", "/no/such/model"] + args)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert message in err[-1]
+
+
+def test_missing_data_and_a_resume_with_other_settings_fail_before_any_model(tmp_path):
+    """The data check and the checkpoint's saved config are read before a model is loaded (the model path here
+    does not exist, so reaching it would raise another error)."""
+    with pytest.raises(FileNotFoundError, match=r"json_2\.1\.1/train.*alfworld-download"):
+        hiper.main(["--model", "/no/such/model", "--data_dir", str(tmp_path)])
+    run = tmp_path / "run"
+    os.makedirs(run / "checkpoint")
+    saved = hiper.parse_config(["--model", "/no/such/model", "--actor_lr", "1e-6", "--run_dir", str(run)])
+    torch.save(dict(config=__import__("dataclasses").asdict(saved)), run / "checkpoint" / "state.pt")
+    with pytest.raises(SystemExit, match=r"--actor_lr 2e-06 \(saved: 1e-06\)"):
+        hiper.main(["--model", "/no/such/model", "--actor_lr", "2e-6", "--run_dir", str(run), "--resume"])

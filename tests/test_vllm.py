@@ -7,21 +7,13 @@ import torch
 
 import demo
 import hiper
+from bench_step import engine_logprobs
 
 pytestmark = pytest.mark.vllm
 TEXTS = ["<switch>SWITCH</switch><subgoal>find a mug</subgoal><action>go to cabinet 1</action>",
          "<switch>KEEP</switch><subgoal>find a mug</subgoal><action>open cabinet 1</action>",
          "Task: put a hot mug in cabinet. Admissible actions: go to cabinet 1, open fridge 1, take mug 2 from desk 1"]
 PROMPTS = ["Task: put a hot mug in cabinet.", "Admissible actions: go to cabinet 1, open fridge 1"]
-
-
-def engine_logprobs(engine, samples):
-    """vLLM's log-probs of each sample's response tokens, read as prompt log-probs of prompt + response."""
-    from vllm import SamplingParams, TokensPrompt
-    outs = engine.generate([TokensPrompt(prompt_token_ids=s["prompt"] + s["response"]) for s in samples],
-                           SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)
-    return [torch.tensor([o.prompt_logprobs[len(s["prompt"]) + j][t].logprob for j, t in enumerate(s["response"])])
-            for s, o in zip(samples, outs)]
 
 
 @pytest.fixture(scope="module")
