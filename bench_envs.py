@@ -5,8 +5,9 @@
 
 1. Steps: `--envs` envs in an EnvPool, `--turns` turns of random admissible actions (TextWorld's step limit
    off), for each worker count: env steps/s and wall seconds per turn (one pool.step over all envs).
-2. Memory: one env resets `--resets` times on games drawn at random (as training draws them), with the
-   engine cache at its default size and unbounded: the process RSS as the resets go, and seconds per reset.
+2. Memory: one env resets `--resets` times on games drawn at random (as training draws them), loading each
+   new game into its one engine (this code) or into a new engine per game (the code before, which maps a new
+   copy of Fast Downward's library per engine): the process RSS as the resets go, and seconds per reset.
 """
 import argparse
 import json
@@ -41,13 +42,17 @@ def steps(data, n, turns, workers):
     return t_reset, n * turns / t, t / turns
 
 
-def memory(data, resets, max_engines):
+def memory(data, resets, engine_per_game):
     """RSS (MB) after every tenth of the resets, in a fresh process (fork) so the runs do not share caches."""
     r, w = os.pipe()
     if os.fork() == 0:
-        env = envs.make("alfworld", data_dir=data, max_engines=max_engines, seed=0)
+        from alfworld.agents.environment.alfred_tw_env import AlfredDemangler, AlfredInfos
+        from textworld.envs.pddl import PddlEnv
+        env = envs.make("alfworld", data_dir=data, seed=0)
         marks, t0 = [], time.perf_counter()
         for k in range(1, resets + 1):
+            if engine_per_game:  # what textworld.start builds for every game
+                env.env, env.game_file = AlfredInfos(AlfredDemangler(PddlEnv(env.infos))), None
             env.reset()
             if k % (resets // 10) == 0:
                 marks.append(rss_mb())
@@ -79,8 +84,8 @@ def main():
         print(f"{workers:>8} {t_reset:>14.1f} {rate:>9.1f} {per_turn:>11.2f}")
     print(f"\none env, {a.resets} resets on games drawn at random from {6 * a.games}: process RSS (MB) "
           f"after each tenth of the resets")
-    for label, size in ((f"engine cache {envs.ENGINE_CACHE}", envs.ENGINE_CACHE), ("unbounded", 10 ** 9)):
-        marks, per_reset = memory(data, a.resets, size)
+    for label, per_game in (("one engine", False), ("engine per game", True)):
+        marks, per_reset = memory(data, a.resets, per_game)
         print(f"{label:>16}: {' '.join(f'{m:.0f}' for m in marks)}  ({per_reset:.2f} s per reset)")
 
 

@@ -5,9 +5,8 @@ and a process pool. Every env is gymnasium-style:
     obs, info = env.reset()
     obs, reward, terminated, truncated, info = env.step("go to fridge 1")
 
-`info` always holds: task, task_type, admissible_actions, won, valid_action.
+`info` always holds: task, task_type, admissible_actions, won.
 """
-import collections
 import functools
 import glob
 import json
@@ -22,7 +21,6 @@ ALFWORLD_TASK_TYPES = ("pick_and_place_simple", "look_at_obj_in_light", "pick_cl
                        "pick_heat_then_place_in_recep", "pick_cool_then_place_in_recep", "pick_two_obj_and_place")
 ALFWORLD_SPLITS = ("train", "valid_seen", "valid_unseen")  # train, in-distribution, out-of-distribution
 WEBSHOP_N_EVAL_GOALS = 500  # goal indices 0–499 are held out for evaluation (§11)
-ENGINE_CACHE = 16  # loaded TextWorld engines an ALFWorld env keeps (least recently used out; README)
 SAS_CACHE = 64  # PDDL→SAS translations a process keeps (least recently used out; README)
 
 
@@ -56,13 +54,11 @@ def _block(text, tag):
 
 
 def parse_response(text, env_name="alfworld"):
-    """Environment-side parse, the official rules (§2): returns (action for the env, valid, subgoal for the next
-    prompt). Malformed output is an invalid turn, never an error.
-
-    The action is the lower-cased <action> block (tags searched in the lower-cased text); without one, the env
-    gets the last 30 (ALFWorld) / 20 (WebShop) characters and nothing else is checked. Otherwise the turn is
-    invalid if the <switch> block is missing, its word is not KEEP or SWITCH, the <subgoal> block is missing, or
-    the text has a CJK character. Duplicated tags and empty blocks are valid, as in the official scripts."""
+    """Environment-side parse, the official rules (§2): (action for the env, valid, subgoal for the next prompt).
+    Malformed output is an invalid turn, never an error. The action is the lower-cased <action> block; without
+    one the env gets the last 30 (ALFWorld) / 20 (WebShop) characters, and nothing else is checked. Otherwise the
+    turn is invalid without a <switch> block, with a word other than KEEP or SWITCH, without a <subgoal> block, or
+    with a CJK character. Duplicated tags and empty blocks are valid."""
     action = _block(text.lower(), "action")
     if action is None:
         return text.lower()[-(30 if env_name == "alfworld" else 20):], False, ""
@@ -151,60 +147,51 @@ def alfworld_game_files(data_dir, split, task_types=ALFWORLD_TASK_TYPES):
 
 
 class ALFWorldEnv:
-    """One ALFWorld text game at a time, through the real alfworld/TextWorld PDDL engine.
+    """One ALFWorld text game at a time, through the real alfworld/TextWorld PDDL engine. Train split: games drawn
+    at random (seeded); evaluation splits: in a fixed order, each once per `len(env.game_files)` resets. Reward is
+    the engine's 1.0 on success (10·won in hiper.py, §8). `terminated` on success and at `max_steps`, TextWorld's
+    own limit (a terminal time-out, as in the official runs, §11); never `truncated`: a shorter rollout cap
+    truncates. One engine loads each new game: an engine per game maps a copy of Fast Downward's library that is
+    never unloaded (+1.7 MB per game, README)."""
 
-    Train split: games are drawn at random (seeded). Evaluation splits: games in a fixed order, so that
-    `len(env.game_files)` resets cover each game exactly once. Reward is the engine's 1.0 on success
-    (hiper.py turns it into 10·won, §8). `terminated` on success and at `max_steps`, TextWorld's own step limit
-    (a time-out is terminal in the official runs, §11); never `truncated`: a shorter rollout cap truncates.
-    Loaded engines are kept for the last `max_engines` games (least recently used first out).
-    """
-
-    def __init__(self, split="train", seed=0, data_dir=None, task_types=ALFWORLD_TASK_TYPES, max_steps=50,
-                 max_engines=ENGINE_CACHE):
+    def __init__(self, split="train", seed=0, data_dir=None, task_types=ALFWORLD_TASK_TYPES, max_steps=50):
         import textworld
         from alfworld.agents.environment.alfred_tw_env import AlfredDemangler, AlfredInfos
+        from textworld.envs.pddl import PddlEnv
         _install_sas_cache()
         self.game_files = alfworld_game_files(data_dir, split, tuple(task_types))
-        self.split, self.max_steps, self.max_engines = split, max_steps, max_engines
+        self.split, self.max_steps = split, max_steps
         self.rng = random.Random(seed)
-        self.next_game = 0
-        self._textworld, self._wrappers = textworld, [AlfredDemangler, AlfredInfos]
+        self.next_game, self.game_file = 0, None
         self.infos = textworld.EnvInfos(won=True, admissible_commands=True, extras=["gamefile"])
-        self._envs = collections.OrderedDict()  # game file -> loaded engine, least recently used first
+        self.env = AlfredInfos(AlfredDemangler(PddlEnv(self.infos)))  # what textworld.start builds, before loading
 
     def reset(self, game_index=None):
         if game_index is None and self.split == "train":
             game_index = self.rng.randrange(len(self.game_files))
         elif game_index is None:
             game_index, self.next_game = self.next_game, (self.next_game + 1) % len(self.game_files)
-        self.game_file = self.game_files[game_index]
-        if self.game_file not in self._envs:
-            self._envs[self.game_file] = self._textworld.start(self.game_file, self.infos, wrappers=self._wrappers)
-            if len(self._envs) > self.max_engines:
-                self._envs.popitem(last=False)[1].close()
-        self._envs.move_to_end(self.game_file)
-        self.env = self._envs[self.game_file]
+        if self.game_files[game_index] != self.game_file:
+            self.game_file = self.game_files[game_index]
+            self.env.load(self.game_file)
         state = self.env.reset()
         obs = state["feedback"]  # TextWorld's welcome banner included, as in the official prompts (§10)
         with open(os.path.join(os.path.dirname(self.game_file), "traj_data.json")) as f:
             self.task_type = json.load(f)["task_type"]
         self.task = obs.partition("Your task is to: ")[2].strip().rstrip(".")
         self.steps = 0
-        return obs, self._info(state, valid=True)
+        return obs, self._info(state)
 
     def step(self, action):
-        action = str(action).strip()
-        valid = action in self.state["admissible_commands"]
-        state, _, _ = self.env.step(action)  # anything not admissible answers "Nothing happens."
+        state, _, _ = self.env.step(str(action).strip())  # anything not admissible answers "Nothing happens."
         self.steps += 1
         won = bool(state["won"])
-        return state["feedback"], float(won), won or self.steps >= self.max_steps, False, self._info(state, valid)
+        return state["feedback"], float(won), won or self.steps >= self.max_steps, False, self._info(state)
 
-    def _info(self, state, valid):
+    def _info(self, state):
         self.state = state
         return dict(task=self.task, task_type=self.task_type, admissible_actions=list(state["admissible_commands"]),
-                    won=bool(state["won"]), valid_action=valid, gamefile=self.game_file)
+                    won=bool(state["won"]), gamefile=self.game_file)
 
 
 # ---- WebShop ----
@@ -246,15 +233,11 @@ class WebShopEnv:
         obs, _ = self.engine.reset(session=goal_index)
         pieces = [p.strip() for p in self.engine.get_instruction_text().split("[SEP]")]
         self.task = " ".join(p for p in pieces if p and p != "Instruction:")
-        return self._format(obs), self._info(valid=True, won=False)
+        return self._format(obs), self._info(won=False)
 
     def step(self, action):
-        action = str(action).strip()
-        admissible = self._admissible()
-        valid = action in admissible or (action.startswith("search[") and action.endswith("]")
-                                         and "search[<your query>]" in admissible)
-        obs, reward, done, _ = self.engine.step(action)  # the engine answers invalid actions itself
-        return self._format(obs), float(reward), bool(done), False, self._info(valid, bool(done and reward == 1.0))
+        obs, reward, done, _ = self.engine.step(str(action).strip())  # the engine answers invalid actions itself
+        return self._format(obs), float(reward), bool(done), False, self._info(bool(done and reward == 1.0))
 
     def _format(self, obs):
         """§10: the page's ' [SEP] ' pieces after the instruction, single-quoted and joined by ' [SEP] ' (the raw
@@ -269,9 +252,9 @@ class WebShopEnv:
         return (["search[<your query>]"] if avail["has_search_bar"] else []) + \
             [f"click[{c}]" for c in avail["clickables"]]
 
-    def _info(self, valid, won):
+    def _info(self, won):
         return dict(task=self.task, task_type="webshop", admissible_actions=self._admissible(), won=won,
-                    valid_action=valid, goal_index=self.goal_index)
+                    goal_index=self.goal_index)
 
 
 ENVS = {"alfworld": ALFWorldEnv, "webshop": WebShopEnv}
@@ -285,18 +268,13 @@ def shares(n, parts):
 
 
 def _worker(conn, name, seeds, options):
+    """Serve ("reset", games) and ("step", actions) for this worker's envs until ("close", None)."""
     try:
         envs = [make(name, seed=s, **options) for s in seeds]
         conn.send(("ok", None))
-        while True:
-            cmd, args = conn.recv()
-            if cmd == "close":
-                break
-            if cmd == "reset":
-                out = [env.reset(g) for env, g in zip(envs, args)]
-            else:
-                out = [None if a is None else env.step(a) for env, a in zip(envs, args)]
-            conn.send(("ok", out))
+        for cmd, args in iter(conn.recv, ("close", None)):
+            conn.send(("ok", [env.reset(a) if cmd == "reset" else None if a is None else env.step(a)
+                              for env, a in zip(envs, args)]))
     except Exception:
         conn.send(("error", traceback.format_exc()))
 

@@ -25,7 +25,7 @@ Usage:
     boot = self_bootstrap(v_low, v_high, boundary, mask)  # or None: no bootstrap of truncated rows
     adv_low, ret_low, adv_high, ret_high = hae(r, v_low, v_high, boundary, done, mask, boot)
 """
-from typing import NamedTuple, Optional, Tuple, Union
+from typing import NamedTuple, Tuple, Union
 
 import torch
 

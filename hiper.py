@@ -59,7 +59,6 @@ class Config:
     cons_penalty: float = -0.3  # keep-consistency penalty (§8)
     invalid_coef: float = 0.1  # invalid-action penalty coefficient (§8)
     actor_lr: float = 1e-6  # (§9)
-    actor_lr_decay: bool = False  # a schedule knob (§9: constant): the actor's rate falls linearly to 0 after warm-up
     critic_lr: float = 1e-5  # (§9)
     weight_decay: float = 0.01  # (§9)
     grad_clip: float = 1.0  # (§9)
@@ -117,36 +116,21 @@ def parse_config(argv=None):
 HEADS = ("low", "high", "term")  # the critic's outputs, in order: V_low, V_high, V_term (§7)
 
 
-class Critic(torch.nn.Module):
-    """Separate copy of the base LM with a linear head of 3 outputs: 0 V_low, 1 V_high, 2 V_term (§7)."""
-
-    def __init__(self, backbone):
-        super().__init__()
-        self.backbone = backbone
-        self.head = torch.nn.Linear(backbone.config.hidden_size, 3)
-        torch.nn.init.normal_(self.head.weight, std=0.02)  # [C]: Hugging Face's init of a new token-classification head
-        torch.nn.init.zeros_(self.head.bias)
-
-    def forward(self, ids, attn, pos):
-        with autocast(ids.device):
-            hidden = self.backbone(input_ids=ids, attention_mask=attn, position_ids=pos).last_hidden_state
-            return self.head(hidden).float()  # [N, L, 3]
-
-
 def load_models(policy_path, init_path, device="cpu", grad_checkpointing=False, seed=0):
-    """Tokenizer, policy, frozen reference (the initial policy, §9) and critic (a copy of the initial LM, its
-    value head drawn from `seed`). Trained weights stay fp32 (forwards run under bf16 autocast on GPU); the
-    reference is bf16 on GPU."""
-    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+    """Tokenizer, policy, frozen reference (the initial policy, §9) and critic: a copy of the initial LM with HF's new
+    token-classification head of 3 outputs (HEADS), N(0, 0.02) from `seed`, bias 0, no dropout, as [C] (§7).
+    Trained weights stay fp32 (bf16 autocast on GPU); the reference is bf16 on GPU."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForTokenClassification, AutoTokenizer
     torch.manual_seed(seed)
     tok = AutoTokenizer.from_pretrained(policy_path, padding_side="left")
     policy = AutoModelForCausalLM.from_pretrained(policy_path, dtype=torch.float32).to(device)
     ref_dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
     ref = AutoModelForCausalLM.from_pretrained(init_path, dtype=ref_dtype).to(device).eval().requires_grad_(False)
-    critic = Critic(AutoModel.from_pretrained(init_path, dtype=torch.float32)).to(device)
-    if grad_checkpointing:
-        policy.gradient_checkpointing_enable()
-        critic.backbone.gradient_checkpointing_enable()
+    head = AutoConfig.from_pretrained(init_path, num_labels=3)
+    head.classifier_dropout = 0.0
+    critic = AutoModelForTokenClassification.from_pretrained(init_path, config=head, dtype=torch.float32).to(device)
+    for model in (policy, critic) if grad_checkpointing else ():
+        model.gradient_checkpointing_enable()
     return tok, policy, ref, critic
 
 
@@ -218,9 +202,8 @@ def gather(items):
 # ---- token spans and value positions (§5 step 4, §7) ----
 
 def token_spans(tok, response_ids):
-    """Per response token, its [start, end) character range in the response text, made of the tokens decoded
-    one by one in one batched call (pitfall 5: tags may merge with neighbours, so spans come from character
-    offsets, not tag ids). Returns (spans, text)."""
+    """(spans, text): each response token's [start, end) characters, from the tokens decoded one by one in one batched
+    call (pitfall 5: tags may merge with neighbours, so spans come from character offsets, not tag ids)."""
     pieces = tok.batch_decode([[i] for i in response_ids])
     ends = list(itertools.accumulate(map(len, pieces)))
     return list(zip([0] + ends[:-1], ends)), "".join(pieces)
@@ -313,9 +296,8 @@ def awake(engine, policy):
 
 
 class WeightSync:
-    """vLLM worker extension: writes Hugging Face-named weights into vLLM's modules, fusing q, k, v into
-    qkv_proj and gate, up into gate_up_proj. vLLM's CPU backend packs Linear weights for its GEMM kernels and
-    empties `weight`, so its own reload would leave the packed copy stale: the packing is redone here."""
+    """vLLM worker extension: writes HF-named weights into vLLM's modules (q, k, v fused into qkv_proj; gate, up into
+    gate_up_proj). vLLM's CPU backend packs Linear weights and empties `weight`, so the packing is redone here."""
     FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 
     def load_policy(self, weights):
@@ -341,8 +323,7 @@ def rollout(cfg, policy, tok, pool, temperature, games=None, engine=None):
     """Play one episode in every env of the pool (env i on games[i] if given), generating with the policy or
     the vLLM `engine`; returns trajectories, each a list of turn dicts."""
     prompt_fn = envs.alfworld_prompt if cfg.env == "alfworld" else envs.webshop_prompt
-    first = pool.reset(games)
-    state = [dict(obs=o, info=i, history=[], subgoal="None") for o, i in first]
+    state = [dict(obs=o, info=i, history=[], subgoal="None") for o, i in pool.reset(games)]
     trajs = [[] for _ in state]
     active = list(range(len(state)))
     recent = lambda h: h[-cfg.history:] if cfg.history else []  # noqa: E731  the last k records (§9); k = 0: none
@@ -421,8 +402,9 @@ def response_logprobs(model, samples, pad_id, with_entropy=False):
 def critic_values(critic, samples, pad_id):
     """[N, 3] values: head 0 at the V_low position, heads 1, 2 at response index 0, each read at the
     position before the token (§7)."""
-    ids, attn, pos, P = pad_batch(samples, pad_id, next(critic.parameters()).device)
-    out = critic(ids, attn, pos)  # [N, L, 3]
+    ids, attn, pos, P = pad_batch(samples, pad_id, critic.device)
+    with autocast(ids.device):
+        out = critic(input_ids=ids, attention_mask=attn, position_ids=pos).logits.float()  # [N, L, 3]
     v_low = out[torch.arange(len(samples)), P - 1 + torch.tensor([s["v_low_idx"] for s in samples]), 0]
     return torch.cat([v_low[:, None], out[:, P - 1, 1:]], -1).cpu()
 
@@ -538,10 +520,9 @@ def actor_loss(cfg, policy, mb, pad_id, mbatch):
 
 
 def update(cfg, model, opt, samples, loss_fn, pad_id, rng, epochs):
-    """`epochs` passes over the samples in minibatches of `cfg.minibatch` turns, accumulated over micro-batches,
-    then one clipped step each; returns the loss statistics averaged over minibatches and the number of steps
-    skipped for a non-finite gradient norm. Under torchrun every rank holds all samples and the same rng, and
-    takes its share of each minibatch (data parallel)."""
+    """`epochs` passes in minibatches of `cfg.minibatch` turns (micro-batches accumulated, one clipped step each);
+    returns the mean loss statistics and the steps skipped for a non-finite gradient norm. Under torchrun every
+    rank holds all samples and the same rng, and takes its share of each minibatch (data parallel)."""
     rank, ws = world()
     model.train()
     total, skipped = 0, 0
@@ -580,10 +561,9 @@ def env_pool(cfg, n, split, seed):
 
 
 def validate(cfg, policy, tok, updates, engine=None):
-    """After `updates` iterations: every game of each validation split (§11) `cfg.eval_episodes` times at the
-    validation temperature, from the same sampling seed at every validation, so that two policies meet the same
-    games and seeds (paired). Per split: success overall and per type, `wins` per game and episode, and
-    `success_128`, the same episodes re-scored as the official protocol draws them (128 with repeats, seeded)."""
+    """Every game of each validation split (§11) `cfg.eval_episodes` times, from the same sampling seed at every
+    validation (paired). Per split: success overall and per type, `wins` per game and episode, and `success_128`:
+    the same episodes re-scored as the official protocol draws them (128 with repeats, seeded)."""
     line = dict(updates=updates)
     for split in ("valid_seen", "valid_unseen") if cfg.env == "alfworld" else ("test",):
         n = len(envs.alfworld_game_files(cfg.data_dir, split)) if cfg.env == "alfworld" else envs.WEBSHOP_N_EVAL_GOALS
@@ -633,11 +613,9 @@ RESUMABLE = ("iters", "resume", "save_every", "eval_every", "eval_episodes", "en
 
 
 def save_checkpoint(cfg, it, tok, policy, critic, actor_opt, critic_opt, rng):
-    """<run>/checkpoint: policy/ in Hugging Face format (loads anywhere) and state.pt (critic, optimizers, RNG,
-    iteration, config), all unsharded. Written whole to checkpoint.tmp, then renamed into place; the previous
-    checkpoint stays (as checkpoint.prev) until the new one is in place. Under torchrun rank 0 writes."""
-    # an optimizer that never stepped (the actor in critic warm-up) is saved as None: torch would initialise its
-    # state with a zero step, which would change AdamW's bias correction from then on
+    """<run>/checkpoint: policy/ (Hugging Face format) and state.pt (critic, optimizers, RNG, iteration, config),
+    unsharded; written to checkpoint.tmp, then renamed into place, the previous one kept as checkpoint.prev until
+    then. An optimizer that never stepped (critic warm-up) is saved as None: torch would give it a zero step."""
     opt_state = lambda model, opt: get_optimizer_state_dict(model, opt, options=FULL) if opt.state else None  # noqa
     state = dict(policy=get_model_state_dict(policy, options=FULL), critic=get_model_state_dict(critic, options=FULL),
                  actor_opt=opt_state(policy, actor_opt), critic_opt=opt_state(critic, critic_opt))
@@ -657,9 +635,8 @@ def save_checkpoint(cfg, it, tok, policy, critic, actor_opt, critic_opt, rng):
 
 
 def load_checkpoint(cfg):
-    """--resume: (folder, state) of <run>/checkpoint, or of checkpoint.prev if a crash left the newest one
-    incomplete or unreadable (reported by name); (None, None) if there is none. Raises if the saved config
-    differs from this run's in a field that changes the run."""
+    """--resume: (folder, state) of <run>/checkpoint, or of checkpoint.prev if a crash left the newest one unreadable
+    (reported by name); (None, None) if none. Stops if the saved config differs in a field that changes the run."""
     for path in (os.path.join(cfg.run_dir, name) for name in ("checkpoint", "checkpoint.prev")):
         if not os.path.isdir(path):
             continue
@@ -674,19 +651,6 @@ def load_checkpoint(cfg):
             raise SystemExit(f"--resume: {path} was saved with other settings: {', '.join(diff)}")
         return path, state
     return None, None
-
-
-def trim_metrics(cfg, start):
-    """<run>/metrics.jsonl up to iteration `start` (training lines ≤ start, validations before it), so that a
-    resumed run logs every iteration and validation once; a fresh run (start 0) starts an empty log."""
-    path = os.path.join(cfg.run_dir, "metrics.jsonl")
-    if world()[0] == 0 and os.path.exists(path):
-        with open(path) as f:  # complete lines only: a crash may have cut the last one
-            lines = [json.loads(x) for x in f if x.endswith("\n")]
-        with open(path + ".tmp", "w") as f:
-            f.writelines(json.dumps(x) + "\n" for x in lines
-                         if x.get("iteration", 0) <= start and x.get("updates", -1) < start)
-        os.replace(path + ".tmp", path)
 
 
 def explained_variance(samples):
@@ -735,7 +699,14 @@ def train(cfg, device):
                 set_optimizer_state_dict(model, opt, state[key], options=FULL)
         rng.setstate(state["rng"])
         start = state["iteration"]
-    trim_metrics(cfg, start)
+    log_path = os.path.join(cfg.run_dir, "metrics.jsonl")
+    if rank == 0 and os.path.exists(log_path):  # keep iterations ≤ start and validations < start: each logged once
+        with open(log_path) as f:  # complete lines only: a crash may have cut the last one
+            kept = [x for x in map(json.loads, filter(lambda x: x.endswith("\n"), f))
+                    if x.get("iteration", 0) <= start and x.get("updates", -1) < start]
+        with open(log_path + ".tmp", "w") as f:
+            f.writelines(json.dumps(x) + "\n" for x in kept)
+        os.replace(log_path + ".tmp", log_path)
     if rank == 0:
         with open(os.path.join(cfg.run_dir, "config.json"), "w") as f:
             json.dump(dict(dataclasses.asdict(cfg), world_size=ws), f, indent=1)
@@ -759,9 +730,6 @@ def train(cfg, device):
             critic_on, actor_on = cfg.adv != "grpo", it >= cfg.critic_warmup  # grpo: no critic
             c_stats, c_skip = update(cfg, critic, critic_opt, samples, critic_loss, tok.pad_token_id, rng,
                                      cfg.critic_epochs) if critic_on else (nan, 0)
-            if cfg.actor_lr_decay and actor_on:  # actor_lr·(1 − k/K) at the actor's k-th of K iterations
-                k, n = it - cfg.critic_warmup, cfg.iters - cfg.critic_warmup
-                actor_opt.param_groups[0]["lr"] = cfg.actor_lr * (1 - k / n)
             a_stats, a_skip = update(cfg, policy, actor_opt, samples, actor_loss, tok.pad_token_id, rng,
                                      cfg.ppo_epochs) if actor_on else (nan, 0)
             ev = explained_variance(samples) if critic_on else nan

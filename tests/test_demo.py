@@ -33,8 +33,9 @@ def test_planner_wins_every_generated_game_on_the_real_engine(alf_data, split):
         assert info["task"] and info["task"] in obs and "help" in info["admissible_actions"]
         seen_types.add(info["task_type"])
         for _ in range(30):
-            obs, reward, terminated, truncated, info = env.step(env.state["policy_commands"][0])
-            assert info["valid_action"]
+            action = env.state["policy_commands"][0]
+            assert action in info["admissible_actions"]
+            obs, reward, terminated, truncated, info = env.step(action)
             if terminated:
                 break
         assert info["won"] and reward == 1.0 and terminated and not truncated, env.game_file

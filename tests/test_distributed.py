@@ -51,7 +51,7 @@ def worker(rank, ws, port, path, out):
     hiper.init_distributed(cfg)
     tok, policy, ref, critic = hiper.load_models(path, path)
     torch.manual_seed(0)
-    torch.nn.init.normal_(critic.head.weight, std=0.3)  # distinct heads, so value losses and advantages are not trivial
+    torch.nn.init.normal_(critic.score.weight, std=0.3)  # distinct heads, so value losses and advantages are not trivial
     init = [{k: v.clone() for k, v in m.state_dict().items()} for m in (policy, critic)]
     hiper.shard(policy, ref, critic)
     trajs = hiper.gather(hiper.score(cfg, hiper.share(trajectories(tok)), tok, policy, ref, critic))

@@ -132,7 +132,7 @@ def test_token_advantages_follow_the_levels(tiny, adv):
     path, _ = tiny
     tok, policy, ref, critic = hiper.load_models(path, path)
     torch.manual_seed(0)
-    torch.nn.init.normal_(critic.head.weight)  # distinct V_low / V_high / V_term (zero-init makes them equal)
+    torch.nn.init.normal_(critic.score.weight)  # distinct V_low / V_high / V_term (the small init makes them close)
     p = tok.apply_chat_template([{"role": "user", "content": "task"}], add_generation_prompt=True)
     p = list(p["input_ids"] if hasattr(p, "keys") else p)
     texts = [OK, keep(), OK + "<|im_end|>"]
@@ -225,7 +225,7 @@ def test_time_out_is_terminal_but_a_shorter_rollout_cap_truncates(tiny, alf_data
     below the env's limit truncates: with bootstrap_truncated, R_high = G + V_high(b_0) (self-bootstrap, §5)."""
     path, _ = tiny
     tok, policy, ref, critic = hiper.load_models(path, path)
-    torch.nn.init.normal_(critic.head.weight)  # values far from 0
+    torch.nn.init.normal_(critic.score.weight)  # values far from 0
     scripted(monkeypatch, tok, ["<switch>KEEP</switch><subgoal>wait</subgoal><action>look</action>"])
     for max_turns, done in ((3, [False, False, True]), (2, [False, False])):
         cfg = hiper.Config(data_dir=alf_data, max_turns=max_turns, env_max_steps=3, microbatch=4)
@@ -236,6 +236,14 @@ def test_time_out_is_terminal_but_a_shorter_rollout_cap_truncates(tiny, alf_data
         boot = 0.0 if done[-1] else samples[0]["values"][1].item()
         assert samples[0]["returns"][1].item() == pytest.approx(g + boot, abs=1e-5)
         assert done[-1] or abs(boot) > 1e-3  # so the truncated case differs from the terminal one
+
+
+def test_critic_head_is_hugging_faces_new_token_classification_head(tiny):
+    """§7 [C]: 3 outputs, weight ~ N(0, 0.02), bias 0, no dropout; the same seed draws the same head."""
+    path, (_, _, _, critic) = tiny
+    w = critic.score.weight
+    assert w.shape[0] == 3 and abs(w.std().item() - 0.02) < 0.004 and not critic.score.bias.any()
+    assert critic.dropout.p == 0.0 and torch.equal(hiper.load_models(path, path)[3].score.weight, w)
 
 
 def test_value_loss_is_the_clipped_squared_error_without_a_half(monkeypatch):
@@ -293,8 +301,7 @@ def test_critic_warmup_holds_the_actor_and_critic_epochs_run_e_passes(tmp_path):
         after = AutoModelForCausalLM.from_pretrained(os.path.join(run, "checkpoint", "policy")).state_dict()
         assert all(torch.equal(init[k], after[k]) for k in init)
         critic = torch.load(os.path.join(run, "checkpoint", "state.pt"), weights_only=False)["critic"]
-        assert not all(torch.equal(init[k], critic["backbone." + k.removeprefix("model.")]) for k in init
-                       if k.startswith("model."))
+        assert not all(torch.equal(init[k], critic[k]) for k in init if k.startswith("model."))
         hiper.main(args + ["--run_dir", run, "--iters", "3", "--critic_warmup", "2", "--critic_epochs", "3",
                            "--resume"])
         # loading an optimizer state first initialises it with one zero-lr step (torch's own), not an update
