@@ -94,12 +94,12 @@ def compare(root, out):
     """<out>/compare.csv (one row per run, then one per method over its seeds, then HiPER − flat GAE) and
     <out>/compare.png; prints the table. A method's change over seeds is the mean over seeds of each game's
     paired change; its interval is the bootstrap over games of that mean (the seeds of a game stay together)."""
-    rows, per_game = [], {}
+    rows, by_method = [], {}
     for run in finished(os.path.join(root, "*-s*")):
         method, seed = os.path.basename(run).rsplit("-s", 1)
         evals, train = read_metrics(run)
         before, after = per_game(evals[0]), per_game(evals[-1])
-        per_game.setdefault(method, []).append((before, after))
+        by_method.setdefault(method, []).append((before, after))
         n_envs = json.load(open(os.path.join(run, "config.json")))["n_envs"]
         third = max(1, len(train) // 3)
         rows.append(dict(method=method, seed=seed, iterations=len(train),
@@ -111,7 +111,7 @@ def compare(root, out):
                          invalid_rate=np.mean([x["invalid_rate"] for x in train]),
                          segment_length=np.mean([x["mean_segment_length"] for x in train])))
     summary = {}
-    for m, runs in per_game.items():  # per game: mean over seeds of before and after
+    for m, runs in by_method.items():  # per game: mean over seeds of before and after
         summary[m] = (np.mean([b for b, _ in runs], 0), np.mean([a for _, a in runs], 0))
         rs = [r for r in rows if r["method"] == m]
         rows.append(dict(method=m, seed=f"{len(runs)} seeds", iterations=rs[0]["iterations"],
