@@ -2,6 +2,7 @@
 
     python bench_envs.py                 # the paper's iteration shape: 128 envs x 50 turns, 2/4/8 workers; memory
     python bench_envs.py --envs 16 --turns 10 --workers 1 2 --resets 30     # a quick look
+    python bench_envs.py --data_dir DIR  # on games already generated (demo.generate_alfworld_games, full-size rooms)
 
 1. Steps: `--envs` envs in an EnvPool, `--turns` turns of random admissible actions (TextWorld's step limit
    off), for each worker count: env steps/s and wall seconds per turn (one pool.step over all envs).
@@ -10,6 +11,7 @@
    copy of Fast Downward's library per engine): the process RSS as the resets go, and seconds per reset.
 """
 import argparse
+import glob
 import json
 import os
 import random
@@ -72,17 +74,20 @@ def main():
     p.add_argument("--turns", type=int, default=50)
     p.add_argument("--workers", type=int, nargs="+", default=[2, 4, 8])
     p.add_argument("--games", type=int, default=8, help="generated games per task type (full-size rooms)")
+    p.add_argument("--data_dir", help="play these games instead (generating full-size rooms takes ~30 s a game)")
     p.add_argument("--resets", type=int, default=150)
     a = p.parse_args()
-    data = tempfile.mkdtemp()
-    demo.generate_alfworld_games(data, a.games, seed=0)
-    print(f"{a.envs} ALFWorld envs, {a.turns} turns of random admissible actions, {6 * a.games} full-size "
-          f"generated games, {os.cpu_count()} CPU cores")
+    data = a.data_dir or tempfile.mkdtemp()
+    if not a.data_dir:
+        demo.generate_alfworld_games(data, a.games, seed=0)
+    n_games = len(glob.glob(os.path.join(data, "json_2.1.1", "train", "*", "*", "game.tw-pddl")))
+    print(f"{a.envs} ALFWorld envs, {a.turns} turns of random admissible actions, {n_games} full-size "
+          f"generated games, {os.cpu_count()} CPU cores", flush=True)
     print(f"{'workers':>8} {'reset all (s)':>14} {'steps/s':>9} {'s per turn':>11}")
     for workers in a.workers:
         t_reset, rate, per_turn = steps(data, a.envs, a.turns, workers)
-        print(f"{workers:>8} {t_reset:>14.1f} {rate:>9.1f} {per_turn:>11.2f}")
-    print(f"\none env, {a.resets} resets on games drawn at random from {6 * a.games}: process RSS (MB) "
+        print(f"{workers:>8} {t_reset:>14.1f} {rate:>9.1f} {per_turn:>11.2f}", flush=True)
+    print(f"\none env, {a.resets} resets on games drawn at random from {n_games}: process RSS (MB) "
           f"after each tenth of the resets")
     for label, per_game in (("one engine", False), ("engine per game", True)):
         marks, per_reset = memory(data, a.resets, per_game)

@@ -2,7 +2,6 @@
 # Presets for hiper.py. Extra arguments pass through to hiper.py (--name value overrides any field).
 #   bash train.sh            offline CPU demo: demo.py generates ALFWorld games, builds a tiny model and its supervised
 #                            warm start on walkthroughs; then hiper.py trains it; prints the paired verdict, runs/demo/
-#   bash train.sh learn      the same with a longer RL schedule (~60 min), runs/learn/
 #   bash train.sh compare    CPU: HiPER vs flat PPO-GAE vs GRPO from one warm start, 3 seeds → results/
 #   bash train.sh alfworld   paper settings, ALFWorld (κ = −0.3, bootstrap_truncated on), vLLM; MODEL=... for 7B
 #   bash train.sh webshop    paper settings, WebShop (κ = −3.5, bootstrap_truncated off), vLLM; needs WEBSHOP_PATH
@@ -23,22 +22,17 @@ SHAPE=(--data_dir "$DATA" --history 1 --max_turns 20)  # 20-turn episodes, one h
 # demo.py: the games (once), a tiny model, and its supervised warm start (8 epochs: ~7 of the demo's 20 minutes)
 KIT=("${SHAPE[@]}" --sft_epochs "${SFT_EPOCHS:-8}")
 # hiper.py on the CPU: a time-out is terminal, as in the official runs; a critic that learns the returns' scale
-# (its own learning rate, two passes per batch, a wide value clip) for two iterations before the actor moves;
-# an actor learning rate for a 0.7M-parameter model (3e-4 and up made it worse, results/README.md); every
-# held-out game played twice, paired before/after
+# (its own learning rate, two passes per batch, a wide value clip) for two iterations (the demo: one) before the
+# actor moves; an actor learning rate for a 0.7M-parameter model (3e-4 and up made it worse, results/README.md);
+# every held-out game played twice, paired before/after
 RL=("${SHAPE[@]}" --env_max_steps 20 --max_new_tokens 40 --minibatch 64 --microbatch 16 --save_every 5
     --critic_warmup 2 --critic_epochs 2 --critic_lr 2e-3 --value_clip 10 --actor_lr 1e-4 --eval_episodes 2)
 
 case "$preset" in
-  demo)  # ~20 min: 4 iterations of 16 episodes (2 of them critic-only)
+  demo)  # ~19 min: 3 iterations of 16 episodes (the first critic-only); each validation plays 120 episodes (~2.5 min)
     run=${RUN:-runs/demo}
     python demo.py "${KIT[@]}" --run_dir "$run"
-    python hiper.py "${RL[@]}" --n_envs 16 --iters 4 --eval_every 4 --model "$run/warm-start" --run_dir "$run" "$@"
-    python report.py "$run" ;;
-  learn)  # ~60 min: 16 iterations of 32 episodes (3 critic-only)
-    run=${RUN:-runs/learn}
-    python demo.py "${KIT[@]}" --run_dir "$run"
-    python hiper.py "${RL[@]}" --n_envs 32 --iters 16 --eval_every 16 --critic_warmup 3 --model "$run/warm-start" \
+    python hiper.py "${RL[@]}" --n_envs 16 --iters 3 --eval_every 3 --critic_warmup 1 --model "$run/warm-start" \
       --run_dir "$run" "$@"
     python report.py "$run" ;;
   compare)  # ~2.5 h, resumable: HiPER, flat GAE, GRPO from one warm start, 3 seeds, 8 iterations of 16 episodes
