@@ -11,7 +11,6 @@
    copy of Fast Downward's library per engine): the process RSS as the resets go, and seconds per reset.
 """
 import argparse
-import glob
 import json
 import os
 import random
@@ -80,7 +79,7 @@ def main():
     data = a.data_dir or tempfile.mkdtemp()
     if not a.data_dir:
         demo.generate_alfworld_games(data, a.games, seed=0)
-    n_games = len(glob.glob(os.path.join(data, "json_2.1.1", "train", "*", "*", "game.tw-pddl")))
+    n_games = len(envs.alfworld_game_files(data, "train"))
     print(f"{a.envs} ALFWorld envs, {a.turns} turns of random admissible actions, {n_games} full-size "
           f"generated games, {os.cpu_count()} CPU cores", flush=True)
     print(f"{'workers':>8} {'reset all (s)':>14} {'steps/s':>9} {'s per turn':>11}")
