@@ -35,7 +35,7 @@ case "$preset" in
     python hiper.py "${RL[@]}" --n_envs 16 --iters 3 --eval_every 3 --critic_warmup 1 --model "$run/warm-start" \
       --run_dir "$run" "$@"
     python report.py "$run" ;;
-  compare)  # ~1 h 50 min (8 runs took 1 h 39 min), resumable: HiPER, flat GAE, GRPO from one warm start, 3 seeds, 8 iterations of 16 episodes
+  compare)  # ~1 h 50 min, resumable: HiPER, flat GAE, GRPO from one warm start, 3 seeds, 8 iterations of 16 episodes
     root=${RUN:-runs/compare}
     python demo.py "${KIT[@]}" --run_dir $root/warm
     for seed in 1 2 3; do
