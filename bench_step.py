@@ -102,7 +102,8 @@ def main():
                              boundary=t % 3 == 0, task_type="pick_and_place"))
         trajs.append(traj)
     hc = hiper.Config(microbatch=16, minibatch=a.turns)
-    samples, t_prep = timed(lambda: hiper.advantages(hc, hiper.score(hc, trajs, tok, policy, ref, critic)))
+    samples, t_prep = timed(lambda: hiper.advantages(hc, hiper.score(hc, hiper.annotate(hc, trajs, tok), tok, policy, ref,
+                                                                     critic)))
     (_, t_span) = timed(lambda: [hiper.token_spans(tok, s["response"]) for s in samples])
     actor_opt = torch.optim.AdamW(policy.parameters(), lr=hc.actor_lr, weight_decay=hc.weight_decay)
     critic_opt = torch.optim.AdamW(critic.parameters(), lr=hc.critic_lr, weight_decay=hc.weight_decay)

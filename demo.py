@@ -18,6 +18,7 @@ import math
 import os
 import random
 import re
+import shutil
 
 import torch
 from tqdm import tqdm
@@ -262,10 +263,100 @@ def plan_execute_demos(data_dir, split="train", history=2, max_steps=50):
     return demos
 
 
+# ---- the ladder: controlled plan-execute tasks that run in seconds ----
+
+COLOURS = ("red", "green", "blue", "yellow")
+
+
+class Fixed:
+    """Rung a of the ladder: one light, always switched off by the same button (blue), which the observation does
+    not name; one turn. An environment with ALFWorld's interface and prompt (`hiper.py --env demo:Fixed`): the
+    trainer plays it through the same rollout, parser, rewards and updates. Game g is a seeded draw of the lights'
+    colours; `eval_splits` hold other draws. Pressing the light's button switches it off and opens the next; a
+    wrong press answers "Nothing happens."; won when the last light is off; done then or at `max_steps`."""
+    lights, named, max_steps = 1, False, 1
+    prompt = staticmethod(envs.alfworld_prompt)
+    eval_splits = ("test",)
+    N_GAMES = dict(train=256, test=64)
+
+    @classmethod
+    def n_games(cls, data_dir, split):
+        return cls.N_GAMES[split]
+
+    def __init__(self, split="train", seed=0, data_dir=None, max_steps=None):
+        self.split, self.max_steps = split, max_steps or self.max_steps
+        self.rng, self.next_game = random.Random(seed), 0
+        self.task = f"switch off the {'lights in order' if self.lights > 1 else 'light'}, each with the right button"
+
+    def reset(self, game=None):
+        if game is None and self.split == "train":
+            game = self.rng.randrange(self.N_GAMES["train"])
+        elif game is None:
+            game, self.next_game = self.next_game, (self.next_game + 1) % self.N_GAMES[self.split]
+        draw = random.Random(f"{type(self).__name__}/{self.split}/{game}")
+        self.colours = [draw.choice(COLOURS) if self.named else "blue" for _ in range(self.lights)]
+        self.lit = self.steps = 0
+        return f"Your task is to: {self.task}. {self._light()}", self._info()
+
+    def step(self, action):
+        self.steps += 1
+        if str(action).strip() == f"press {self.colours[self.lit]}":
+            self.lit += 1
+            obs = f"Light {self.lit} is off." + (f" {self._light()}" if self.lit < self.lights else "")
+        else:
+            obs = f"Nothing happens. {self._light()}"
+        won = self.lit == self.lights
+        return obs, float(won), won or self.steps >= self.max_steps, False, self._info()
+
+    def _light(self):
+        colour = f"is {self.colours[self.lit]}" if self.named else "is on"
+        return f"Light {self.lit + 1} of {self.lights} {colour}."
+
+    def _info(self):
+        return dict(task=self.task, task_type=type(self).__name__.lower(), won=self.lit == self.lights,
+                    admissible_actions=[f"press {c}" for c in COLOURS])
+
+
+class Read(Fixed):
+    """Rung b: one light, switched off by the button of the colour its observation names (the model must read)."""
+    named = True
+
+
+class Stages(Fixed):
+    """Rung c: three lights in order, each named by its observation and switched off by its colour's button; a
+    terminal reward only, 6 steps. A light is a stage: a good policy SWITCHes to a new subgoal when one goes off."""
+    lights, named, max_steps = 3, True, 6
+
+
+def ladder_demos(env_name, episodes, read_rate, seed=0):
+    """Warm-start data for a ladder task: `episodes` episodes of a demonstrator whose subgoal names the current
+    light (SWITCH when one goes off, KEEP while retrying) and who presses the named button with probability
+    `read_rate`, a random one otherwise. Returns (prompt, response) pairs per episode, prompts as a rollout's."""
+    rng, env = random.Random(seed), envs.make(env_name, seed=seed)
+    demos = []
+    for _ in range(episodes):
+        obs, info = env.reset()
+        done, pairs, current, past = False, [], "None", []
+        while not done:
+            subgoal = f"switch off light {env.lit + 1}"
+            colour = env.colours[env.lit] if rng.random() < read_rate else rng.choice(COLOURS)
+            switch = "KEEP" if subgoal == current else "SWITCH"
+            pairs.append((env.prompt(info["task"], obs, past[-1:], len(pairs), current, info["admissible_actions"]),
+                          f"<switch>{switch}</switch><subgoal>{subgoal}</subgoal><action>press {colour}</action>"))
+            past.append((obs, f"press {colour}"))
+            current = subgoal
+            obs, _, done, _, info = env.step(f"press {colour}")
+        demos.append(pairs)
+    return demos
+
+
 # ---- tiny model and supervised warm start ----
 
-def build_tiny(path, texts, seed=0):
-    """A tiny Qwen2 policy and a byte-level BPE tokenizer with a ChatML template, made offline."""
+def build_tiny(path, texts, seed=0, init_std=0.1):
+    """A tiny Qwen2 policy (4 layers, hidden 128, 0.7M parameters) and a byte-level BPE tokenizer with a ChatML
+    template, made offline. Weights are drawn N(0, init_std²): at Hugging Face's default 0.02 this model (and one
+    twice as wide) never learns to copy a word of its observation into its action, even under full supervision;
+    at 0.1 it does within two epochs (results/README.md, the ladder)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
     bpe = Tokenizer(models.BPE())
@@ -281,7 +372,8 @@ def build_tiny(path, texts, seed=0):
     torch.manual_seed(seed)
     cfg = Qwen2Config(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=4,
                       num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=4096,
-                      tie_word_embeddings=True, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+                      tie_word_embeddings=True, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                      initializer_range=init_std)
     Qwen2ForCausalLM(cfg).save_pretrained(path)
     tok.save_pretrained(path)
 
@@ -322,11 +414,21 @@ def warm_start(policy, tok, demos, epochs, lr, batch, seed, weight_decay=0.01, g
 
 # ---- the demo's preparation, end to end ----
 
+GAME_SETTINGS = ("train_games", "eval_games", "max_receptacles", "n_distractors")
+
+
 def games(a):
-    """The demo's games, once (marker file <data_dir>/generated): small rooms (5 receptacles, no distractors), 20
-    per task type to train on and 5 per type in each held-out split; two processes, three task types each (each
-    type has its own seed, so the files are the same as one process writes)."""
-    if os.path.exists(os.path.join(a.data_dir, "generated")):
+    """The demo's games, once (their settings in <data_dir>/generated): small rooms (5 receptacles, no distractors),
+    20 per task type to train on and 5 per type in each held-out split; two processes, three task types each (each
+    type has its own seed, so the files are the same as one process writes). Games generated with other settings
+    stop the run: they are data, not a cache to overwrite."""
+    marker, want = os.path.join(a.data_dir, "generated"), {k: getattr(a, k) for k in GAME_SETTINGS}
+    if os.path.exists(marker):
+        with open(marker) as f:
+            have = json.loads(f.read() or "{}")
+        if have != want:
+            raise SystemExit(f"{a.data_dir} holds games generated with {have}, not {want}: remove it or pass "
+                             "another --data_dir")
         return
     with concurrent.futures.ProcessPoolExecutor(2) as pool:
         jobs = [pool.submit(generate_alfworld_games, a.data_dir, n, 0, split, envs.ALFWORLD_TASK_TYPES[half::2],
@@ -335,11 +437,13 @@ def games(a):
                                                     ("valid_unseen", a.eval_games))]
         for job in jobs:
             job.result()  # a failed generation raises here, before the marker is written
-    open(os.path.join(a.data_dir, "generated"), "w").close()
+    with open(marker, "w") as f:
+        json.dump(want, f)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--env", default="alfworld", help="alfworld, or a ladder task: demo:Fixed, demo:Read, demo:Stages")
     p.add_argument("--data_dir", default="data/alfworld")
     p.add_argument("--run_dir", default="runs/demo", help="writes <run_dir>/tiny-init and <run_dir>/warm-start")
     p.add_argument("--games_only", action="store_true", help="generate the games and stop")
@@ -349,23 +453,41 @@ def main(argv=None):
     p.add_argument("--n_distractors", type=int, default=0)
     p.add_argument("--history", type=int, default=1, help="as hiper.py's --history: the prompts of a rollout")
     p.add_argument("--max_turns", type=int, default=20, help="as hiper.py's --max_turns")
+    p.add_argument("--init_std", type=float, default=0.1, help="the tiny model's initial weights: N(0, init_std²)")
+    p.add_argument("--episodes", type=int, default=300, help="ladder: demonstrated episodes")
+    p.add_argument("--read_rate", type=float, default=0.5, help="ladder: how often the demonstrator reads its light")
     p.add_argument("--sft_epochs", type=int, default=8)
     p.add_argument("--sft_lr", type=float, default=3e-3, help="at the start, falling linearly to 0")
     p.add_argument("--sft_batch", type=int, default=4, help="turns per optimizer step")
     p.add_argument("--seed", type=int, default=6)
     a = p.parse_args(argv)
-    games(a)
-    tiny, warm = os.path.join(a.run_dir, "tiny-init"), os.path.join(a.run_dir, "warm-start")
-    if a.games_only or os.path.isdir(warm):
+    ladder = a.env != "alfworld"
+    if not ladder:
+        games(a)
+    if a.games_only:
         return
-    demos = plan_execute_demos(a.data_dir, "train", a.history, a.max_turns)
+    tiny, warm = os.path.join(a.run_dir, "tiny-init"), os.path.join(a.run_dir, "warm-start")
+    settings, path = {k: v for k, v in vars(a).items() if k not in ("games_only", "run_dir")}, os.path.join(a.run_dir,
+                                                                                                           "kit.json")
+    if os.path.isdir(warm):
+        with open(path) as f:
+            if json.load(f) == settings:
+                return  # built with these settings already
+        print(f"{a.run_dir}: built with other settings ({path}); rebuilding its tiny model and warm start")
+        for d in (tiny, warm):
+            shutil.rmtree(d, ignore_errors=True)
+    demos = ladder_demos(a.env, a.episodes, a.read_rate, a.seed) if ladder else \
+        plan_execute_demos(a.data_dir, "train", a.history, a.max_turns)
     if not os.path.isdir(tiny):
-        build_tiny(tiny, game_texts(a.data_dir) + [p + r for game in demos for p, r in game], a.seed)
+        texts = [p + r for game in demos for p, r in game]
+        build_tiny(tiny, texts if ladder else game_texts(a.data_dir) + texts, a.seed, a.init_std)
     from transformers import AutoModelForCausalLM, AutoTokenizer
     tok, policy = AutoTokenizer.from_pretrained(tiny), AutoModelForCausalLM.from_pretrained(tiny)
     warm_start(policy, tok, demos, a.sft_epochs, a.sft_lr, a.sft_batch, a.seed)
     policy.save_pretrained(warm)
     tok.save_pretrained(warm)
+    with open(path, "w") as f:
+        json.dump(settings, f)
 
 
 if __name__ == "__main__":

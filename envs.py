@@ -9,6 +9,7 @@ and a process pool. Every env is gymnasium-style:
 """
 import functools
 import glob
+import importlib
 import json
 import multiprocessing as mp
 import os
@@ -24,11 +25,20 @@ WEBSHOP_N_EVAL_GOALS = 500  # goal indices 0–499 are held out for evaluation (
 SAS_CACHE = 64  # PDDL→SAS translations a process keeps (least recently used out; README)
 
 
-def make(name, split="train", seed=0, **options):
-    """Build one environment by name: "alfworld" or "webshop"."""
+def env_class(name):
+    """The class of an environment: "alfworld", "webshop", or "module:Class" for one of your own with the same
+    interface (reset/step, the info keys above, `prompt`, `eval_splits`, `n_games`), e.g. demo.py's ladder tasks."""
+    if ":" in name:
+        module, _, cls = name.partition(":")
+        return getattr(importlib.import_module(module), cls)
     if name not in ENVS:
-        raise ValueError(f"unknown environment {name!r}: expected one of {tuple(ENVS)}")
-    return ENVS[name](split=split, seed=seed, **options)
+        raise ValueError(f"unknown environment {name!r}: expected one of {tuple(ENVS)} or module:Class")
+    return ENVS[name]
+
+
+def make(name, split="train", seed=0, **options):
+    """Build one environment by name (see env_class)."""
+    return env_class(name)(split=split, seed=seed, **options)
 
 
 # ---- plan-execute output: parsing (§2) and prompts (§10) ----
@@ -154,6 +164,14 @@ class ALFWorldEnv:
     truncates. One engine loads each new game: an engine per game maps a copy of Fast Downward's library that is
     never unloaded (+1.7 MB per game, README)."""
 
+    prompt = staticmethod(alfworld_prompt)
+    eval_splits = ("valid_seen", "valid_unseen")  # in-distribution, out-of-distribution
+
+    @staticmethod
+    def n_games(data_dir, split):
+        """Games in a split: training draws from them (GRPO groups share one), validation plays each."""
+        return len(alfworld_game_files(data_dir, split))
+
     def __init__(self, split="train", seed=0, data_dir=None, task_types=ALFWORLD_TASK_TYPES, max_steps=50):
         import textworld
         from alfworld.agents.environment.alfred_tw_env import AlfredDemangler, AlfredInfos
@@ -215,6 +233,14 @@ class WebShopEnv:
     (seeded), so the two never overlap whatever the seeds or number of workers (the official scripts shuffle
     the list per worker, so theirs do). Reward is the engine's score in [0, 1]; won ⇔ score = 1. No step
     limit of its own (never `truncated`): the rollout cap truncates."""
+
+    prompt = staticmethod(webshop_prompt)
+    eval_splits = ("test",)
+
+    @staticmethod
+    def n_games(data_dir, split):
+        """Goals 0–499 are evaluated in order; training goals are the engine's own draw (None)."""
+        return None if split == "train" else WEBSHOP_N_EVAL_GOALS
 
     def __init__(self, split="train", seed=0, data_dir=None, engine=None, **engine_kwargs):
         self.engine = engine(**engine_kwargs) if engine else _webshop_engine(data_dir, **engine_kwargs)

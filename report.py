@@ -3,6 +3,7 @@
     python report.py runs/demo                      # validation success first vs last, the paired verdict
                                                     # (runs/demo/verdict.json) and runs/demo/curve.png
     python report.py --compare runs/compare results # HiPER vs flat PPO-GAE vs GRPO: results/compare.csv, compare.png
+    python report.py --ladder runs/ladder-compare results  # the same on the ladder: results/ladder_compare.csv, .png
 
 The verdict: held-out success pooled over the validation splits, every game played the same number of times
 before and after training from the same sampling seed, so the change is paired per game; its 95 % interval is
@@ -160,8 +161,90 @@ def compare(root, out):
     fig.savefig(os.path.join(out, "compare.png"), dpi=120)
 
 
+def mean_ci(x):
+    """Mean over seeds and its 95 % bootstrap interval (scipy, percentile, 10,000 resamples, seeded)."""
+    x = np.asarray(x, float)
+    if np.ptp(x) == 0:
+        return float(x.mean()), float(x[0]), float(x[0])
+    ci = stats.bootstrap((x,), np.mean, n_resamples=10_000, method="percentile", random_state=0).confidence_interval
+    return float(x.mean()), float(ci.low), float(ci.high)
+
+
+def diff_ci(x, y):
+    """mean(x) − mean(y) over independent seeds and its 95 % bootstrap interval (each sample resampled alone)."""
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    ci = stats.bootstrap((x, y), lambda a, b, axis=-1: a.mean(axis) - b.mean(axis), n_resamples=10_000,
+                         method="percentile", random_state=0).confidence_interval
+    return float(x.mean() - y.mean()), float(ci.low), float(ci.high)
+
+
+def ladder(root, out, target=0.8):
+    """The ladder comparison (`bash train.sh ladder-compare`): <out>/ladder_compare.csv, one row per run
+    METHOD-sSEED under root, and <out>/ladder_compare.png; prints the table and HiPER − flat GAE. Per run: training
+    success at the end (mean of the last two iterations), the first iteration whose training success reaches
+    `target` (iterations + 1 if none), held-out success before and after (the test instances, paired seeds) and
+    the critic's explained variance per head over the last half of the run."""
+    rows = []
+    for run in sorted(glob.glob(os.path.join(root, "*-s*"))):
+        if not os.path.exists(os.path.join(run, "done")):
+            continue
+        method, seed = os.path.basename(run).rsplit("-s", 1)
+        evals, train = read_metrics(run)
+        success = [x["success"] for x in train]
+        ev = lambda h: np.mean([x[f"explained_variance_{h}"] for x in train[len(train) // 2:]  # noqa: E731
+                                if x.get(f"explained_variance_{h}") is not None] or [np.nan])
+        rows.append(dict(method=method, seed=int(seed), final_success=np.mean(success[-2:]),
+                         iters_to_target=next((i + 1 for i, s in enumerate(success) if s >= target), len(train) + 1),
+                         heldout_before=np.mean(per_game(evals[0])), heldout_after=np.mean(per_game(evals[-1])),
+                         invalid_rate=np.mean([x["invalid_rate"] for x in train]),
+                         switch_rate=np.mean([x["switch_rate"] for x in train]),
+                         ev_low=ev("low"), ev_high=ev("high"), ev_term=ev("term")))
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "ladder_compare.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows([{k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()} for r in rows])
+    by = {m: [r for r in rows if r["method"] == m] for m in METHODS if any(r["method"] == m for r in rows)}
+    ci = lambda t: f"{t[0]:.2f} [{t[1]:.2f}, {t[2]:.2f}]"  # noqa: E731
+    print(f"| method | seeds | training success at the end | iterations to {target} | held-out before | after | "
+          "explained variance (low, high) |")
+    print("|---|---:|---|---|---:|---:|---|")
+    for m, rs in by.items():
+        col = lambda k: [r[k] for r in rs]  # noqa: E731
+        print(f"| {METHODS[m]} | {len(rs)} | {ci(mean_ci(col('final_success')))} | "
+              f"{ci(mean_ci(col('iters_to_target')))} | {np.mean(col('heldout_before')):.3f} | "
+              f"{np.mean(col('heldout_after')):.3f} | {np.nanmean(col('ev_low')):.2f}, {np.nanmean(col('ev_high')):.2f} |")
+    if {"hae", "gae"} <= set(by):
+        for key, name in (("final_success", "training success at the end"), ("iters_to_target", "iterations to "
+                                                                                                 f"{target}")):
+            d = diff_ci([r[key] for r in by["hae"]], [r[key] for r in by["gae"]])
+            print(f"HiPER − flat GAE, {name}: {d[0]:+.3f}, 95 % CI [{d[1]:+.3f}, {d[2]:+.3f}] (bootstrap over seeds)")
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    for m, rs in by.items():
+        curves = np.array([[x["success"] for x in read_metrics(os.path.join(root, f"{m}-s{r['seed']}"))[1]]
+                           for r in rs])  # [seeds, iterations]
+        xs = np.arange(1, curves.shape[1] + 1)
+        bands = np.array([mean_ci(c) for c in curves.T])
+        axes[0].plot(xs, bands[:, 0], ".-", label=METHODS[m])
+        axes[0].fill_between(xs, bands[:, 1], bands[:, 2], alpha=0.2)
+        held = [mean_ci([r[k] for r in rs]) for k in ("heldout_before", "heldout_after")]
+        axes[1].errorbar([0, 1], [h[0] for h in held], yerr=np.abs(np.array([[h[1], h[2]] for h in held]).T
+                                                                   - [h[0] for h in held]), fmt="o-", capsize=3,
+                         label=METHODS[m])
+    axes[0].set(xlabel="iteration", ylabel="success rate", ylim=(-0.02, 1.02),
+                title="training episodes (mean over seeds, 95 % CI)")
+    axes[1].set(xticks=[0, 1], xticklabels=["warm start", "after RL"], ylim=(-0.02, 1.02),
+                title="held-out instances (mean over seeds, 95 % CI)")
+    axes[0].legend()
+    fig.suptitle("The ladder's stages task (3 lights in order, terminal reward), tiny model", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "ladder_compare.png"), dpi=120)
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "--compare":
         compare(*sys.argv[2:4])
+    elif sys.argv[1] == "--ladder":
+        ladder(*sys.argv[2:4])
     else:
         report(sys.argv[1])

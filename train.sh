@@ -2,7 +2,10 @@
 # Presets for hiper.py. Extra arguments pass through to hiper.py (--name value overrides any field).
 #   bash train.sh            offline CPU demo: demo.py generates ALFWorld games, builds a tiny model and its supervised
 #                            warm start on walkthroughs; then hiper.py trains it; prints the paired verdict, runs/demo/
-#   bash train.sh compare    CPU: HiPER vs flat PPO-GAE vs GRPO from one warm start, 3 seeds → results/
+#   bash train.sh ladder T   CPU, a few minutes: one rung of the ladder of controlled tasks (T = fixed | read | stages),
+#                            its warm start then 11 iterations; runs/ladder-T/
+#   bash train.sh ladder-compare   CPU: HiPER vs flat GAE vs GRPO on the stages rung, 5 seeds → results/ladder_compare.*
+#   bash train.sh compare    CPU: HiPER vs flat PPO-GAE vs GRPO on the ALFWorld demo, 3 seeds → results/
 #   bash train.sh alfworld   paper settings, ALFWorld (κ = −0.3, bootstrap_truncated on), vLLM; MODEL=... for 7B
 #   bash train.sh webshop    paper settings, WebShop (κ = −3.5, bootstrap_truncated off), vLLM; needs WEBSHOP_PATH
 #   bash train.sh gpu-check  2 iterations with vLLM on a random Qwen2.5-1.5B-shaped model: checks the GPU path
@@ -21,12 +24,26 @@ DATA=data/alfworld
 SHAPE=(--data_dir "$DATA" --history 1 --max_turns 20)  # 20-turn episodes, one history record (demo.py and hiper.py)
 # demo.py: the games (once), a tiny model, and its supervised warm start (8 epochs: ~7 of the demo's 20 minutes)
 KIT=("${SHAPE[@]}" --sft_epochs "${SFT_EPOCHS:-8}")
-# hiper.py on the CPU: a time-out is terminal, as in the official runs; a critic that learns the returns' scale
-# (its own learning rate, two passes per batch, a wide value clip) for two iterations (the demo: one) before the
-# actor moves; an actor learning rate for a 0.7M-parameter model (3e-4 and up made it worse, results/README.md);
-# every held-out game played twice, paired before/after
-RL=("${SHAPE[@]}" --env_max_steps 20 --max_new_tokens 40 --minibatch 64 --microbatch 16 --save_every 5
-    --critic_warmup 2 --critic_epochs 2 --critic_lr 2e-3 --value_clip 10 --actor_lr 1e-4 --eval_episodes 2)
+# The CPU regime, found on the ladder's training episodes (results/README.md) and used by the ladder, its tests, the
+# demo and the comparisons: a KL anchor of 0.5, 4 PPO epochs in minibatches of 16 turns at an actor learning rate
+# of 3e-4, with AdamW's ε at 1e-2 so that weights with tiny gradients (the format's) barely move; a critic that
+# learns the returns' scale (its own learning rate, two passes per batch, a wide value clip) for one iteration
+# before the actor moves. Each departure from the paper's settings is a row of the README's differences table.
+CPU=(--actor_lr 3e-4 --adam_eps 1e-2 --ppo_epochs 4 --minibatch 16 --microbatch 16 --kl_coef 0.5
+     --critic_lr 2e-3 --critic_epochs 2 --value_clip 10 --critic_warmup 1)
+# hiper.py on the ALFWorld demo: a time-out is terminal, as in the official runs; every held-out game played twice
+RL=("${SHAPE[@]}" --env_max_steps 20 --max_new_tokens 40 --save_every 5 --eval_episodes 2 "${CPU[@]}")
+# the ladder (demo.py's Fixed, Read, Stages): a warm start that presses at random (fixed) or reads its light 40 % of
+# the time (read, stages), then 64 episodes per iteration, one history record, the task's own step limit
+ladder_kit() {  # the warm start of rung $1
+  case $1 in
+    fixed) echo --read_rate 0 --episodes 300 --sft_epochs 3 ;;
+    read) echo --read_rate 0.4 --episodes 400 --sft_epochs 4 ;;
+    stages) echo --read_rate 0.4 --episodes 200 --sft_epochs 4 ;;
+    *) echo "usage: bash train.sh ladder fixed|read|stages [--field value ...]" >&2; exit 2 ;;
+  esac
+}
+LADDER=(--n_envs 64 --history 1 --max_new_tokens 40 --iters 11 --eval_every 0 --save_every 100 "${CPU[@]}")
 
 case "$preset" in
   demo)  # ~19 min: 3 iterations of 16 episodes (the first critic-only); each validation plays 120 episodes (~2.5 min)
@@ -35,6 +52,23 @@ case "$preset" in
     python hiper.py "${RL[@]}" --n_envs 16 --iters 3 --eval_every 3 --critic_warmup 1 --model "$run/warm-start" \
       --run_dir "$run" "$@"
     python report.py "$run" ;;
+  ladder)  # bash train.sh ladder fixed|read|stages [--adv hae|gae|grpo ...]: 2-4 min; training success per iteration
+    task=${1:-}; kit=$(ladder_kit "$task"); shift
+    root=${RUN:-runs/ladder-$task}; env=demo:${task^}; steps=$([ "$task" = stages ] && echo 6 || echo 1)
+    # shellcheck disable=SC2086  # $kit is a list of flags
+    python demo.py --env "$env" $kit --sft_lr 1e-3 --sft_batch 8 --run_dir "$root"
+    python hiper.py --env "$env" --model "$root/warm-start" --max_turns "$steps" --env_max_steps "$steps" "${LADDER[@]}" \
+      --run_dir "$root/rl" "$@" ;;
+  ladder-compare)  # ~2 h on 2 cores (one run at a time), resumable: HiPER, flat GAE, GRPO on the stages rung from one warm start, 5 seeds
+    root=${RUN:-runs/ladder-compare}
+    for seed in 1 2 3 4 5; do
+      for adv in hae gae grpo; do
+        run=$root/$adv-s$seed
+        [ -f "$run/done" ] || { RUN=$root bash "$0" ladder stages --adv "$adv" --seed "$seed" --run_dir "$run" \
+          --iters 10 --n_envs 32 --eval_every 10 "$@" && touch "$run/done"; }
+      done
+    done
+    python report.py --ladder "$root" results ;;
   compare)  # ~1 h 50 min, resumable: HiPER, flat GAE, GRPO from one warm start, 3 seeds, 8 iterations of 16 episodes
     root=${RUN:-runs/compare}
     python demo.py "${KIT[@]}" --run_dir $root/warm
@@ -58,5 +92,6 @@ case "$preset" in
     python report.py "$run" ;;
   gpu-check)  # the GPU path without downloads: vLLM sleep/wake and weight sync, phase times, peak memory (~8 min)
     python bench_step.py --check ;;
-  *) echo "usage: bash train.sh [demo|compare|alfworld|webshop|gpu-check] [--field value ...]" >&2; exit 2 ;;
+  *) echo "usage: bash train.sh [demo|ladder T|ladder-compare|compare|alfworld|webshop|gpu-check] [--field value ...]" >&2
+     exit 2 ;;
 esac

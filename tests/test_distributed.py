@@ -54,7 +54,8 @@ def worker(rank, ws, port, path, out):
     torch.nn.init.normal_(critic.score.weight, std=0.3)  # distinct heads, so value losses and advantages are not trivial
     init = [{k: v.clone() for k, v in m.state_dict().items()} for m in (policy, critic)]
     hiper.shard(policy, ref, critic)
-    trajs = hiper.gather(hiper.score(cfg, hiper.share(trajectories(tok)), tok, policy, ref, critic))
+    trajs = hiper.share(trajectories(tok))
+    trajs = hiper.gather(hiper.score(cfg, hiper.annotate(cfg, trajs, tok), tok, policy, ref, critic))
     samples = hiper.advantages(cfg, trajs)
     critic_opt = torch.optim.AdamW(critic.parameters(), lr=1e-3, eps=1e-4)
     actor_opt = torch.optim.AdamW(policy.parameters(), lr=1e-3, eps=1e-4)

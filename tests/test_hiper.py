@@ -65,6 +65,18 @@ def test_masks_and_value_positions_on_chat_template(tiny):
     assert all(hiper.block_masks(spans, text)["action"]) and hiper.v_low_index(spans, text) == 0
 
 
+def test_block_masks_find_tags_as_the_parsers_do(tiny):
+    """<SWITCH>…</SWITCH> is no switch block for either parser (an invalid KEEP turn): its tokens get no A_term and
+    V_low falls back to index 0; <ACTION> is found, as the env-side parse lower-cases before searching it."""
+    _, (tok, *_) = tiny
+    text = "<SWITCH>SWITCH</SWITCH><SUBGOAL>find a mug</SUBGOAL><ACTION>go to cabinet 1</ACTION>"
+    assert envs.parse_response(text)[:2] == ("go to cabinet 1", False) and not envs.is_boundary(text)
+    spans, decoded = hiper.token_spans(tok, tok(text, add_special_tokens=False).input_ids)
+    masks = hiper.block_masks(spans, decoded)
+    assert not any(masks["switch"]) and not any(masks["subgoal"]) and all(masks["action"][-3:])
+    assert not any(masks["action"][:3]) and hiper.v_low_index(spans, decoded) == 0
+
+
 def sample(tok, response, adv):
     p = tok.apply_chat_template([{"role": "user", "content": "task"}], add_generation_prompt=True)
     p = p["input_ids"] if isinstance(p, dict) or hasattr(p, "keys") else p
@@ -139,7 +151,7 @@ def test_token_advantages_follow_the_levels(tiny, adv):
     traj = [dict(prompt=p, response=tok(x, add_special_tokens=False).input_ids, text=x, valid=True, won=i == 2,
                  done=i == 2, boundary=i != 1, task_type="t") for i, x in enumerate(texts)]
     cfg = hiper.Config(adv=adv, microbatch=2)
-    samples = hiper.advantages(cfg, hiper.score(cfg, [traj], tok, policy, ref, critic))
+    samples = hiper.advantages(cfg, hiper.score(cfg, hiper.annotate(cfg, [traj], tok), tok, policy, ref, critic))
     def only(s, key):  # tokens in this block alone (a BPE token may straddle two tags, pitfall 5)
         m = {k: torch.tensor(v) for k, v in s["masks"].items()}
         return m[key] & ~sum(m[k].int() for k in m if k != key).bool()
@@ -174,7 +186,8 @@ def test_grpo_advantage_is_the_group_normalised_episode_return(tiny):
                      done=won, boundary=True, task_type="t")]
     cfg = hiper.Config(adv="grpo", group_size=2, microbatch=4)
     trajs = [traj(True), traj(False, valid=False), traj(False), traj(False)]
-    samples = hiper.advantages(cfg, hiper.score(cfg, trajs, tok, policy, ref, critic))
+    samples = hiper.grpo_advantages(cfg, hiper.score(cfg, hiper.annotate(cfg, trajs, tok), tok, policy, ref,
+                                                     critic))
     spread = (10.0 + 0.1) / 2 ** 0.5  # unbiased std of two values is |a − b| / √2
     expected = [(10.0 - 4.95) / spread, (-0.1 - 4.95) / spread, 0.0, 0.0]
     for s, e in zip(samples, expected):
@@ -201,7 +214,7 @@ def scripted(monkeypatch, tok, responses):
 def play(cfg, policy, tok, n=1, split="train", games=None):
     pool = hiper.env_pool(cfg, n, split, cfg.seed)
     try:
-        return hiper.rollout(cfg, policy, tok, pool, cfg.temperature, games)
+        return hiper.rollout(cfg, policy, tok, pool, cfg.temperature, list(range(n)), games)
     finally:
         pool.close()
 
@@ -231,7 +244,8 @@ def test_time_out_is_terminal_but_a_shorter_rollout_cap_truncates(tiny, alf_data
         cfg = hiper.Config(data_dir=alf_data, max_turns=max_turns, env_max_steps=3, microbatch=4)
         traj = play(cfg, policy, tok)[0]
         assert [t["done"] for t in traj] == done
-        samples = hiper.advantages(cfg, hiper.score(cfg, [traj], tok, policy, ref, critic))  # one segment
+        # one segment
+        samples = hiper.advantages(cfg, hiper.score(cfg, hiper.annotate(cfg, [traj], tok), tok, policy, ref, critic))
         g = sum(s["reward"] for s in samples)
         boot = 0.0 if done[-1] else samples[0]["values"][1].item()
         assert samples[0]["returns"][1].item() == pytest.approx(g + boot, abs=1e-5)
@@ -239,10 +253,11 @@ def test_time_out_is_terminal_but_a_shorter_rollout_cap_truncates(tiny, alf_data
 
 
 def test_critic_head_is_hugging_faces_new_token_classification_head(tiny):
-    """§7 [C]: 3 outputs, weight ~ N(0, 0.02), bias 0, no dropout; the same seed draws the same head."""
+    """§7: 3 outputs, weight ~ N(0, initializer_range²) (0.02 for Qwen2.5; the tiny model's 0.1), bias 0, no
+    dropout; the same seed draws the same head."""
     path, (_, _, _, critic) = tiny
-    w = critic.score.weight
-    assert w.shape[0] == 3 and abs(w.std().item() - 0.02) < 0.004 and not critic.score.bias.any()
+    w, std = critic.score.weight, critic.config.initializer_range
+    assert std == 0.1 and w.shape[0] == 3 and abs(w.std().item() / std - 1) < 0.2 and not critic.score.bias.any()
     assert critic.dropout.p == 0.0 and torch.equal(hiper.load_models(path, path)[3].score.weight, w)
 
 
@@ -316,20 +331,23 @@ def test_explained_variance_against_a_hand_computation():
         ([1.0, 0.0, 2.0], [2.0, 5.0, 2.0], [True, True, True]), ([1.0, 9.0, 0.0], [0.0, 9.0, 4.0], [True, False, True]),
         ([3.0, 2.0, 1.0], [4.0, 1.0, 1.0], [True, True, False])]]
     # low: R − V = (1, −1, 1), Var 8/9; Var(R) = 8/3 → 2/3. high: (5, −1), 9; (5, 1), 4 → −1.25. term: (0, 4), 4; 1 → −3
-    torch.testing.assert_close(hiper.explained_variance(samples), torch.tensor([2 / 3, -1.25, -3.0]))
+    assert hiper.explained_variance(samples) == pytest.approx([2 / 3, -1.25, -3.0])
+    # every episode lost alike: returns without variance give None, not a huge negative number
+    flat = [dict(values=torch.tensor([0.1 * i, 0.0, 0.0]), returns=torch.tensor([-0.1, 0.0, 0.0]),
+                 value_mask=torch.tensor([True, i == 0, True])) for i in range(4)]
+    assert hiper.explained_variance(flat) == [None, None, None]
 
 
 def test_paired_evaluation_replays_the_same_games_and_seeds(tiny, alf_data, monkeypatch):
-    """Each game eval_episodes times, every validation from the same sampling seed whatever came before: the
+    """Each game eval_episodes times, episode e of game g from its own seed (seed, g, e) whatever came before: the
     same policy validated twice plays the same games and samples the same responses."""
     _, (tok, policy, _, _) = tiny
     cfg = hiper.Config(data_dir=alf_data, max_turns=2, max_new_tokens=12, eval_episodes=2, eval_temperature=1.0)
     calls, real = [], hiper.rollout
 
     def spy(*args, **kwargs):
-        seed = torch.initial_seed()
         trajs = real(*args, **kwargs)
-        calls.append((list(args[5]), seed, [t["text"] for tr in trajs for t in tr]))
+        calls.append((list(args[5]), list(args[6]), [t["text"] for tr in trajs for t in tr]))
         return trajs
 
     monkeypatch.setattr(hiper, "rollout", spy)
@@ -337,10 +355,27 @@ def test_paired_evaluation_replays_the_same_games_and_seeds(tiny, alf_data, monk
     torch.manual_seed(12345)
     torch.rand(7)
     second = hiper.validate(cfg, policy, tok, 0)
-    assert calls[:2] == calls[2:] and calls[0][0] == [g for g in range(6) for _ in range(2)]
-    assert len(set(calls[0][2])) > 1  # sampled, not greedy
+    assert calls[:2] == calls[2:] and calls[0][1] == [g for g in range(6) for _ in range(2)]
+    assert calls[0][0] == [hiper.mix(cfg.seed + 1000, g, e) for g in range(6) for e in range(2)]
+    assert len(set(calls[0][0])) == 12 and len(set(calls[0][2])) > 1  # a seed per episode; sampled, not greedy
     wins = first["valid_seen/wins"]
     assert first == second and len(wins) == 6 and all(len(w) == 2 for w in wins)
+
+
+def test_a_rows_sample_depends_on_its_seed_alone(tiny):
+    """Seeded sampling (the Gumbel-max trick, one generator per row): a prompt's response is the same alone or in
+    a batch, at any position, and changes with its seed; the draws follow softmax(logits / T)."""
+    _, (tok, policy, _, _) = tiny
+    prompts = ["task: find a mug", "task: heat an egg", "task: look at a book"]
+    together = hiper.generate(policy, tok, prompts, 16, 1.0, seeds=[5, 9, 11])
+    alone = hiper.generate(policy, tok, prompts[1:2], 16, 1.0, seeds=[9])
+    swapped = hiper.generate(policy, tok, prompts[::-1], 16, 1.0, seeds=[11, 9, 5])
+    assert together[1] == alone[0] and together == swapped[::-1]
+    assert len({tuple(r) for _, r in hiper.generate(policy, tok, prompts[:1] * 8, 16, 1.0, seeds=list(range(8)))}) > 1
+    logits = torch.tensor([[2.0, 0.5, -1.0, 0.0]])
+    draws = torch.stack([hiper.GumbelSample([s], 0.7, "cpu")(None, logits).argmax(1)[0] for s in range(4000)])
+    freq = torch.bincount(draws, minlength=4) / 4000.0
+    torch.testing.assert_close(freq, torch.softmax(logits[0] / 0.7, 0), atol=0.03, rtol=0)
 
 
 @pytest.mark.parametrize("args, message", [
@@ -348,8 +383,10 @@ def test_paired_evaluation_replays_the_same_games_and_seeds(tiny, alf_data, monk
     (["--microbatch", "-2"], "--microbatch -2: must be at least 1"), (["--iters", "-1"], "--iters -1: must be at least 0"),
     (["--eval_episodes", "0"], "--eval_episodes 0: must be at least 1"), (["--adv", "ppo"], "invalid choice: 'ppo'"),
     (["--adv", "grpo", "--n_envs", "12", "--group_size", "8"], "--n_envs 12 divisible by --group_size 8"),
-    (["--adv", "grpo", "--env", "webshop"], "--adv grpo needs --env alfworld"),
-    (["--keep_mode", "sometimes"], "invalid choice: 'sometimes'"), (["--env", "minecraft"], "invalid choice"),
+    (["--adv", "grpo", "--env", "webshop"], "--adv grpo needs training games"),
+    (["--keep_mode", "sometimes"], "invalid choice: 'sometimes'"),
+    (["--env", "minecraft"], "--env minecraft: unknown environment 'minecraft'"),
+    (["--env", "demo:Nope"], "--env demo:Nope: module 'demo' has no attribute 'Nope'"),
 ])
 def test_settings_that_cannot_work_fail_in_one_line_before_any_model(args, message, capsys):
     with pytest.raises(SystemExit):
@@ -369,3 +406,14 @@ def test_missing_data_and_a_resume_with_other_settings_fail_before_any_model(tmp
     torch.save(dict(config=__import__("dataclasses").asdict(saved)), run / "checkpoint" / "state.pt")
     with pytest.raises(SystemExit, match=r"--actor_lr 2e-06 \(saved: 1e-06\)"):
         hiper.main(["--model", "/no/such/model", "--actor_lr", "2e-6", "--run_dir", str(run), "--resume"])
+
+
+@pytest.mark.parametrize("platform, maxrss", [("linux", 3 * 2 ** 20), ("darwin", 3 * 2 ** 30)])
+def test_peak_memory_reads_ru_maxrss_in_the_platforms_unit(monkeypatch, platform, maxrss):
+    """3 GiB of peak RSS: Linux reports ru_maxrss in KiB, macOS in bytes."""
+    import resource
+    import types
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(hiper.sys, "platform", platform)
+    monkeypatch.setattr(resource, "getrusage", lambda who: types.SimpleNamespace(ru_maxrss=maxrss))
+    assert hiper.peak_memory_gb() == pytest.approx(3.0)
