@@ -162,7 +162,7 @@ class ALFWorldEnv:
     the engine's 1.0 on success (10·won in hiper.py, §8). `terminated` on success and at `max_steps`, TextWorld's
     own limit (a terminal time-out, as in the official runs, §11); never `truncated`: a shorter rollout cap
     truncates. One engine loads each new game: an engine per game maps a copy of Fast Downward's library that is
-    never unloaded (+1.7 MB per game, README)."""
+    never unloaded (~1.9 MB per reset, results/README.md)."""
 
     prompt = staticmethod(alfworld_prompt)
     eval_splits = ("valid_seen", "valid_unseen")  # in-distribution, out-of-distribution
@@ -224,7 +224,7 @@ def _webshop_engine(data_dir=None, **kwargs):
             "(the 1,000-product catalogue and its pyserini index; needs Java and spaCy's en_core_web_sm).")
     sys.path.insert(0, path)
     from web_agent_site.envs import WebAgentTextEnv
-    return WebAgentTextEnv(observation_mode="text", human_goals=False, **kwargs)  # synthetic goals, as [C] (§11)
+    return WebAgentTextEnv(observation_mode="text", human_goals=False, **kwargs)  # synthetic goals, as officially (§11)
 
 
 class WebShopEnv:

@@ -1,5 +1,6 @@
-"""Hierarchical Advantage Estimation (HAE) of HiPER (Peng et al., arXiv 2602.16165), as the official
-scripts compute it (spec §5). Torch only: copy this file into your trainer.
+"""Hierarchical Advantage Estimation (HAE) of HiPER (Peng et al., ICML 2026, arXiv 2602.16165, Sec. 4), as the
+official scripts compute it. Torch only, MIT licence (the hiper project): copy this file into your trainer.
+Everything needed to use it is below; "§5 step n" names the steps as the hiper project's METHOD.md does.
 
 Inputs are turn-level tensors of shape [B, T], turns left-aligned per row, `mask` marking each row's
 valid prefix. A segment k is the run of turns [b_k, e_k] opened by a boundary (SWITCH) at b_k; the
@@ -16,6 +17,11 @@ first turn of a row always opens one. d_k = e_k − b_k + 1, nd_t = 1 − done_t
     A_high_k = δ_k + γ^{d_k}·λ_seg·A_high_{k+1};   R_high_k = A_high_k + v_high_{b_k}  (stored at b_k)
   Switch ("termination") head, as the official scripts do it (not the paper's (q−β)·δ form):
     R_term_t = Σ_{j=t}^{e_k} γ^{j−t} r_j + γ^{e_k−t+1}·boot_k;   A_term_t = R_term_t − v_term_t
+
+  Normalisation (step 5), per level and batch-wide over one value per turn, after the returns were formed:
+    A ← (A − mean) / (std + 1e−8) over the turns that carry that level (normalize).
+  Token assignment (step 4, the trainer's job; Theorem 4.1's q_t gate): a turn's action tokens get A_low, its
+  subgoal tokens A_high on segment-start turns only, its switch tokens A_term; the critic's targets are R_*.
 
 Every recursion above is y_t = x_t + c_t·y_{t+1}: the coefficients are built with vectorised ops and
 one reverse loop over T does the rest. No host syncs, so the same code runs eagerly, under
@@ -61,7 +67,7 @@ def segment_starts(boundary: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def self_bootstrap(values_low, values_high, boundary, mask):
-    """§5 `bootstrap_truncated`: the pair (V_low at a row's last valid turn, V_high at its last segment's
+    """`bootstrap_truncated` (§5): the pair (V_low at a row's last valid turn, V_high at its last segment's
     start), [B] each, for `hae(..., bootstrap=pair)` on rows that end truncated."""
     last = (mask.sum(1) - 1).clamp(min=0)
     seg = torch.where(segment_starts(boundary, mask), torch.arange(mask.shape[1], device=mask.device), 0).amax(1)
@@ -100,7 +106,7 @@ def _segments(rewards, values_high, boundary, done, mask, bootstrap):
 
 def hae(rewards, values_low, values_high, boundary, done, mask=None, bootstrap: Bootstrap = None, *,
         gamma=1.0, lam=1.0, lam_seg=0.95) -> HAE:
-    """HAE of spec §5 steps 1–2 on [B, T] turn tensors; see the module docstring for the equations.
+    """HAE steps 1–2 on [B, T] turn tensors; see the module docstring for the equations.
 
     rewards, values_low, values_high: float [B, T] (values_high is read at segment starts only);
     boundary, done, mask: bool [B, T], done True at most on a row's last valid turn; bootstrap: None (0),

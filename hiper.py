@@ -2,8 +2,9 @@
 
 The file follows one iteration, top to bottom (§n: METHOD.md): config → models → rollout (prompt → generate →
 parse → env step) → token masks and rewards (§8) → log-probs and values at their positions (§7) → advantages
-(HAE, §5, hae.py) → critic and actor updates → evaluation → the training loop; then the plumbing a reader can
-skip: torchrun/FSDP2, the vLLM engine, checkpoints. Lines that only matter under torchrun say "torchrun:".
+(HAE, §5, hae.py) → critic and actor updates → evaluation → the training loop. The plumbing a reader can skip
+(torchrun/FSDP2, the vLLM engine, checkpoints) is in plumbing.py; lines here that matter only under torchrun
+say "torchrun:".
 
 A turn is a dict; each stage adds its fields:
     rollout     prompt, response (token ids, EOS kept), text, valid (§2), boundary (§3), won, done, task_type
@@ -16,29 +17,26 @@ A turn is a dict; each stage adds its fields:
     python hiper.py --help                                                           # every setting, explained
 """
 import argparse
-import contextlib
 import dataclasses
 import inspect
 import itertools
 import json
 import math
 import os
-import pickle
 import random
 import re
-import shutil
 import sys
 import time
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
-                                                     set_optimizer_state_dict)
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
 import envs
 from hae import hae, normalize, segment_starts, self_bootstrap, term_advantage
+from plumbing import (FULL, awake, gather, init_distributed, load_checkpoint, save_checkpoint,  # noqa: F401
+                      shard, share, unsharded, vllm_engine, world)
 
 
 @dataclasses.dataclass
@@ -47,7 +45,7 @@ class Config:
     env: str = "alfworld"  # environment (§11): alfworld | webshop | module:Class, one of your own (e.g. demo:Stages)
     model: str = "Qwen/Qwen2.5-1.5B-Instruct"  # initial policy: the actor, its frozen KL reference and the critic (§7)
     device: str = ""  # cuda when available, else cpu
-    data_dir: str = ""  # ALFWorld: the ALFWORLD_DATA root (empty: $ALFWORLD_DATA); WebShop: its checkout ($WEBSHOP_PATH)
+    data_dir: str = ""  # ALFWorld: the ALFWORLD_DATA root (empty: $ALFWORLD_DATA); WebShop: a checkout ($WEBSHOP_PATH)
     run_dir: str = "runs/hiper"  # where config.json, metrics.jsonl and checkpoint/ go
     seed: int = 6  # seed of envs, sampling and minibatches; validation envs use seed + 1000 (§9)
     iters: int = 150  # training iterations, one batch of episodes each (§9)
@@ -65,7 +63,7 @@ class Config:
     gamma: float = 1.0  # γ, discount per turn (§5)
     lam: float = 1.0  # λ_turn, low-level GAE inside a segment (§5 step 1)
     lam_seg: float = 0.95  # λ_seg, high-level GAE over segments (§5 step 2)
-    bootstrap_truncated: bool = True  # truncated episodes bootstrap from their own values (§5; ALFWorld on, WebShop off)
+    bootstrap_truncated: bool = True  # truncated episodes bootstrap from their own values (§5; WebShop: off)
     kappa: float = -0.3  # κ, keep penalty on KEEP turns (§8; WebShop −3.5)
     keep_mode: str = "normalized"  # keep penalty: fixed, κ per KEEP turn | normalized, κ/T per KEEP turn (§8)
     cons_penalty: float = -0.3  # keep-consistency penalty: a KEEP turn that rewords its subgoal (§8)
@@ -93,7 +91,7 @@ class Config:
     save_every: int = 5  # write <run_dir>/checkpoint every k iterations (and after the last)
     resume: bool = False  # continue from <run_dir>/checkpoint (its settings must match, but for RESUMABLE ones)
     eval_only: bool = False  # validate the policy (--checkpoint, else --model) on every validation game and exit
-    checkpoint: str = ""  # a policy folder to start from instead of --model (reference, critic: --model), or to evaluate
+    checkpoint: str = ""  # a policy to start from instead of --model (reference, critic: --model), or to evaluate
 
 
 CHOICES = dict(adv=("hae", "gae", "grpo"), backend=("hf", "vllm"),
@@ -125,8 +123,8 @@ def parse_config(argv=None):
         if getattr(cfg, name) < (name in AT_LEAST_1):
             p.error(f"--{name} {getattr(cfg, name)}: must be at least {int(name in AT_LEAST_1)}")
     if cfg.adv == "grpo" and (cfg.env == "webshop" or cfg.n_envs % cfg.group_size):
-        p.error(f"--adv grpo needs training games (groups replay one; not WebShop) and --n_envs {cfg.n_envs} divisible by "
-                f"--group_size {cfg.group_size}")
+        p.error(f"--adv grpo needs training games (groups replay one; not WebShop) and --n_envs {cfg.n_envs} "
+                f"divisible by --group_size {cfg.group_size}")
     cfg.critic_epochs = cfg.critic_epochs or cfg.ppo_epochs  # derived once, here
     return cfg
 
@@ -138,7 +136,7 @@ HEADS = ("low", "high", "term")  # the critic's outputs, in order: V_low, V_high
 
 def load_models(policy_path, init_path, device="cpu", grad_checkpointing=False, seed=0):
     """Tokenizer, policy, frozen reference (the initial policy, §9) and critic: a copy of the initial LM with HF's new
-    token-classification head of 3 outputs (HEADS), N(0, 0.02) from `seed`, bias 0, no dropout, as [C] (§7).
+    token-classification head of 3 outputs (HEADS), N(0, initializer_range²) from `seed`, bias 0, no dropout (§7).
     Trained weights stay fp32 (bf16 autocast on GPU); the reference is bf16 on GPU."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForTokenClassification, AutoTokenizer
     torch.manual_seed(seed)
@@ -167,25 +165,16 @@ def chat(tok, prompt):
 
 
 def mix(*ints):
-    """A sampling seed from integers (run seed, iteration or game, env or episode, turn): a stable 62-bit mix."""
-    x = 0
-    for i in ints:
-        x = (x * 1_000_003 + i + 1) % 2 ** 62
-    return x
+    """A sampling seed from integers (run seed, iteration or game, env or episode, turn), the same in any process."""
+    return hash(ints) % 2 ** 62  # an int tuple's hash is not salted
 
 
-class GumbelSample:
-    """HF logits processor: one sample per row from softmax(logits / temperature) by the Gumbel-max trick, the
-    noise drawn from the row's own seeded generator, so a row's draws do not depend on what else is in the batch
-    (vLLM's per-request seeds do the same); generate then takes the argmax."""
-
-    def __init__(self, seeds, temperature, device):
-        self.temperature = temperature
-        self.gens = [torch.Generator(device).manual_seed(s) for s in seeds]
-
-    def __call__(self, input_ids, scores):
-        u = torch.stack([torch.rand(scores.shape[1], generator=g, device=scores.device) for g in self.gens])
-        return scores.float() / self.temperature - torch.log(-torch.log(u.clamp(min=1e-20)))
+def gumbel_sampler(seeds, temperature, device):
+    """An HF logits processor whose argmax samples softmax(logits / temperature) (the Gumbel-max trick), row i's
+    noise from a generator seeded seeds[i]: a row's draws do not depend on the batch, as vLLM's per-request seeds."""
+    gens = [torch.Generator(device).manual_seed(s) for s in seeds]
+    return lambda ids, scores: scores.float() / temperature - torch.log(-torch.log(torch.stack(
+        [torch.rand(scores.shape[1], generator=g, device=scores.device) for g in gens]).clamp(min=1e-20)))
 
 
 def generate(policy, tok, prompts, max_new_tokens, temperature, max_prompt=2048, engine=None, seeds=None):
@@ -204,7 +193,7 @@ def generate(policy, tok, prompts, max_new_tokens, temperature, max_prompt=2048,
                   for s in seeds]
         outs = engine.generate([TokensPrompt(prompt_token_ids=p) for p in ids], params, use_tqdm=False)
         return [(p, list(o.outputs[0].token_ids)) for p, o in zip(ids, outs)]
-    sample = [GumbelSample(seeds, temperature, policy.device)] if temperature > 0 else []
+    sample = [gumbel_sampler(seeds, temperature, policy.device)] if temperature > 0 else []
     with autocast(policy.device):  # the sampling is the processor's argmax: no top-k, top-p or repetition penalty
         out = policy.generate(**{k: v.to(policy.device) for k, v in enc.items()}, do_sample=False,
                               logits_processor=sample, max_new_tokens=max_new_tokens, repetition_penalty=1.0,
@@ -260,7 +249,7 @@ def rollout(cfg, policy, tok, pool, temperature, seeds, games=None, engine=None)
 
 def token_spans(tok, response_ids):
     """(spans, text): each response token's [start, end) characters, from the tokens decoded one by one in one batched
-    call (pitfall 5: tags may merge with neighbours, so spans come from character offsets, not tag ids)."""
+    call (§15.5: tags may merge with neighbours, so spans come from character offsets, not tag ids)."""
     pieces = tok.batch_decode([[i] for i in response_ids])
     ends = list(itertools.accumulate(map(len, pieces)))
     return list(zip([0] + ends[:-1], ends)), "".join(pieces)
@@ -283,16 +272,15 @@ def v_low_index(spans, text):
     """§7: first token after `</subgoal>`, else after `</switch>` (case-sensitive, as the parsers), else 0."""
     for closer in ("</subgoal>", "</switch>"):
         k = text.find(closer)
-        if k != -1:
-            after = [j for j, (s, _) in enumerate(spans) if s >= k + len(closer)]
-            if after:
-                return after[0]
+        after = [j for j, (s, _) in enumerate(spans) if k != -1 and s >= k + len(closer)]
+        if after:
+            return after[0]
     return 0
 
 
 def shape_rewards(cfg, traj, spans_sub):
     """r_t = r_env + p_keep + p_cons − c·(1 − valid_t), one trajectory; spans_sub[t] are the subgoal-span
-    token ids of turn t (keep-consistency compares them exactly, pitfall 11)."""
+    token ids of turn t (keep-consistency compares them exactly, §15.11)."""
     T = len(traj)
     rewards = []
     for t, turn in enumerate(traj):
@@ -302,7 +290,7 @@ def shape_rewards(cfg, traj, spans_sub):
             r += cfg.kappa if cfg.keep_mode == "fixed" else (cfg.kappa / T if T >= 2 else 0.0)
             if t >= 1 and spans_sub[t] and spans_sub[t - 1] and spans_sub[t] != spans_sub[t - 1]:
                 r += cfg.cons_penalty
-        r -= cfg.invalid_coef * (1 - turn["valid"])  # applied once (pitfall 8)
+        r -= cfg.invalid_coef * (1 - turn["valid"])  # applied once (§15.8)
         rewards.append(r)
     return rewards
 
@@ -452,7 +440,7 @@ def critic_loss(cfg, critic, mb, pad_id, mbatch):
     ret = torch.stack([s["returns"] for s in mb])
     m = torch.stack([s["value_mask"] for s in mb]).float()
     v_clip = old + (v - old).clamp(-cfg.value_clip, cfg.value_clip)
-    per = torch.maximum((v - ret) ** 2, (v_clip - ret) ** 2)  # [C]: no ½ factor
+    per = torch.maximum((v - ret) ** 2, (v_clip - ret) ** 2)  # as the official scripts: no ½ factor (§7)
     heads = (per * m).sum(0) / torch.stack([s["value_mask"] for s in mbatch]).sum(0).clamp(min=1)  # [3]
     return heads.sum(), heads.detach()
 
@@ -503,7 +491,7 @@ def update(cfg, model, opt, samples, loss_fn, pad_id, rng, epochs):
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             if torch.isfinite(norm.full_tensor() if hasattr(norm, "full_tensor") else norm):  # torchrun: a DTensor
                 opt.step()
-            else:  # [C]: a step whose gradient norm is not finite is skipped (§9)
+            else:  # a step whose gradient norm is not finite is skipped (§9)
                 skipped += 1
     if ws > 1:  # each rank holds its share of every minibatch's statistics
         dist.all_reduce(total := total.to(next(model.parameters()).device))
@@ -525,8 +513,8 @@ def explained_variance(samples):
 
 def validate(cfg, policy, tok, updates, engine=None):
     """Every game of each validation split (§11) `cfg.eval_episodes` times, each episode from its own sampling seed,
-    the same at every validation (paired). Per split: success overall and per type, `wins` per game and episode, and `success_128`:
-    the same episodes re-scored as the official protocol draws them (128 with repeats, seeded)."""
+    the same at every validation (paired). Per split: success overall and per type, `wins` per game and episode,
+    and `success_128`: the same episodes re-scored as the official protocol draws them (128 with repeats, seeded)."""
     line = dict(updates=updates)
     env = envs.env_class(cfg.env)
     for split in env.eval_splits:
@@ -593,13 +581,12 @@ def train(cfg, device):
     critic_opt = torch.optim.AdamW(critic.parameters(), lr=cfg.critic_lr, weight_decay=cfg.weight_decay,
                                    eps=cfg.adam_eps)
     rng = random.Random(cfg.seed)  # the same stream on every rank: games, minibatch order
-    start = 0
+    start = state["iteration"] if ckpt else 0
+    for model, opt, key in ((policy, actor_opt, "actor_opt"), (critic, critic_opt, "critic_opt")) if ckpt else ():
+        if state[key] is not None:
+            set_optimizer_state_dict(model, opt, state[key], options=FULL)
     if ckpt:
-        for model, opt, key in ((policy, actor_opt, "actor_opt"), (critic, critic_opt, "critic_opt")):
-            if state[key] is not None:
-                set_optimizer_state_dict(model, opt, state[key], options=FULL)
         rng.setstate(state["rng"])
-        start = state["iteration"]
     log_path = os.path.join(cfg.run_dir, "metrics.jsonl")
     if rank == 0 and os.path.exists(log_path):  # keep iterations ≤ start and validations < start: each logged once
         with open(log_path) as f:  # complete lines only: a crash may have cut the last one
@@ -649,10 +636,9 @@ def train(cfg, device):
                            env_steps_per_s=len(turns) / t_roll, peak_memory_gb=peak_memory_gb())
             log(cfg, metrics)
             if rank == 0:  # one console line per iteration
-                ev = metrics["explained_variance_low"]
                 print(f"iter {it + 1}/{cfg.iters} | success {metrics['success']:.2f} | invalid "
                       f"{metrics['invalid_rate']:.2f} | kl {metrics['kl']:.4f} | ev_low "
-                      f"{'-' if ev is None else f'{ev:.2f}'} | {time.time() - t0:.1f} s", flush=True)
+                      f"{ev[0] if ev[0] is None else round(ev[0], 2)} | {time.time() - t0:.1f} s", flush=True)
             if (it + 1) % cfg.save_every == 0 or it + 1 == cfg.iters:
                 save_checkpoint(cfg, it + 1, tok, policy, critic, actor_opt, critic_opt, rng)
         if cfg.eval_every:  # the trained policy (`python report.py RUN_DIR`: table, plot and verdict)
@@ -675,171 +661,6 @@ def peak_memory_gb():
         return torch.cuda.max_memory_allocated() / 2 ** 30
     import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** (30 if sys.platform == "darwin" else 20)
-
-
-# ---- plumbing a reader can skip: torchrun and FSDP2 (each a no-op in a single process) ----
-
-def world():
-    """(rank, world size); (0, 1) without torchrun."""
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-
-
-def init_distributed(cfg):
-    """This process's device; under torchrun also the process group (NCCL on GPUs, gloo on CPUs)."""
-    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        if device == "cuda":
-            device = f"cuda:{os.environ['LOCAL_RANK']}"
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    return device
-
-
-def shard(*models):
-    """FSDP2: every decoder layer, then the rest of each model, sharded over the ranks. On GPU the gathered
-    weights are bf16 and gradients reduce in fp32; the shards (the optimizer's master weights) stay fp32."""
-    from transformers.modeling_layers import GradientCheckpointingLayer
-    for model in models if world()[1] > 1 else ():
-        bf16 = next(model.parameters()).device.type == "cuda"
-        mp = MixedPrecisionPolicy(torch.bfloat16 if bf16 else None, torch.float32 if bf16 else None)
-        for part in [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)] + [model]:
-            fully_shard(part, mp_policy=mp)
-
-
-@contextlib.contextmanager
-def unsharded(model):
-    """Full weights on every rank for no-grad passes that ranks run different numbers of times (generation,
-    scoring), so that no forward waits on another rank's collective."""
-    parts = [m for m in model.modules() if isinstance(m, FSDPModule)]
-    for m in parts:
-        m.set_reshard_after_forward(False, recurse=False)
-        m.unshard()
-    try:
-        yield
-    finally:
-        for m in parts:
-            m.reshard()
-            m.set_reshard_after_forward(m is not model, recurse=False)  # FSDP2's default: only the root stays gathered
-
-
-def share(items):
-    """This rank's contiguous share of a list (all of it in a single process)."""
-    mine = envs.shares(len(items), world()[1])[world()[0]]
-    return items[mine.start:mine.stop]
-
-
-def gather(items):
-    """Every rank's list, concatenated in rank order: the inverse of `share`."""
-    if world()[1] == 1:
-        return items
-    parts = [None] * world()[1]
-    dist.all_gather_object(parts, items)
-    return [x for part in parts for x in part]
-
-
-# ---- plumbing: the vLLM engine and its weight sync (imported only with --backend vllm) ----
-
-def vllm_engine(cfg, path, device):
-    """A vLLM engine on the initial policy, in this process (weights then pass as tensors). On GPU it sleeps
-    between rollouts, its weights and KV cache freed, so that actor, critic and engine share the GPU."""
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    from vllm import LLM
-    cuda = device.startswith("cuda")
-    engine = LLM(path, dtype="bfloat16" if cuda else "float32", seed=cfg.seed, enable_sleep_mode=cuda,
-                 max_model_len=cfg.max_prompt + cfg.max_new_tokens, gpu_memory_utilization=cfg.vllm_memory,
-                 distributed_executor_backend="uni", worker_extension_cls="hiper.WeightSync")
-    if cuda:
-        engine.sleep(level=1)  # level 1 keeps a CPU copy of every tensor: level 2 may lose buffers (rotary caches)
-    return engine
-
-
-@contextlib.contextmanager
-def awake(engine, policy):
-    """The engine for one rollout: woken (GPU), loaded with the policy's current weights in memory, its prefix
-    cache (computed with the old weights) dropped; asleep again afterwards."""
-    cuda = policy.device.type == "cuda"
-    if cuda:
-        torch.cuda.empty_cache()  # the training step's cached blocks, for the engine
-        engine.wake_up()
-    weights = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True))  # torchrun: gathered
-    engine.collective_rpc("load_policy", args=(list(weights.items()),))
-    engine.reset_prefix_cache()
-    try:
-        yield
-    finally:
-        if cuda:
-            engine.sleep(level=1)
-
-
-class WeightSync:
-    """vLLM worker extension: writes HF-named weights into vLLM's modules (q, k, v fused into qkv_proj; gate, up into
-    gate_up_proj). vLLM's CPU backend packs Linear weights and empties `weight`, so the packing is redone here."""
-    FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
-
-    def load_policy(self, weights):
-        from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
-        from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
-        hf = dict(weights)
-        for name, m in self.model_runner.model.named_modules():
-            prefix, _, leaf = name.rpartition(".")
-            for p in ("weight", "bias"):
-                src = [hf.get(f"{prefix}.{part}.{p}".lstrip(".")) for part in self.FUSED.get(leaf, (leaf,))]
-                if getattr(m, p, None) is None or any(x is None for x in src):
-                    continue
-                new = torch.cat(src).to(getattr(m, p).dtype)
-                if getattr(m, p).numel():
-                    getattr(m, p).data[:len(new)].copy_(new)  # vLLM pads the vocabulary to a multiple of 64
-                else:  # CPU: emptied after packing
-                    setattr(m, p, torch.nn.Parameter(new, requires_grad=False))
-            if hasattr(m, "cpu_linear"):
-                dispatch_cpu_unquantized_gemm(m, remove_weight=not isinstance(m, VocabParallelEmbedding))
-
-
-# ---- plumbing: checkpoints ----
-
-FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)  # consolidated: resumes on any world size
-RESUMABLE = ("iters", "resume", "save_every", "eval_every", "eval_episodes", "env_workers", "device")  # may change
-
-
-def save_checkpoint(cfg, it, tok, policy, critic, actor_opt, critic_opt, rng):
-    """<run>/checkpoint: policy/ (Hugging Face format) and state.pt (critic, optimizers, RNG, iteration, config),
-    unsharded; written to checkpoint.tmp, then renamed into place, the previous one kept as checkpoint.prev until
-    then. An optimizer that never stepped (critic warm-up) is saved as None: torch would give it a zero step."""
-    opt_state = lambda model, opt: get_optimizer_state_dict(model, opt, options=FULL) if opt.state else None  # noqa
-    state = dict(policy=get_model_state_dict(policy, options=FULL), critic=get_model_state_dict(critic, options=FULL),
-                 actor_opt=opt_state(policy, actor_opt), critic_opt=opt_state(critic, critic_opt))
-    if world()[0] == 0:
-        ckpt = os.path.join(cfg.run_dir, "checkpoint")
-        tmp, prev = ckpt + ".tmp", ckpt + ".prev"
-        shutil.rmtree(tmp, ignore_errors=True)
-        policy.save_pretrained(os.path.join(tmp, "policy"), state_dict=state.pop("policy"))
-        tok.save_pretrained(os.path.join(tmp, "policy"))
-        torch.save(dict(state, rng=rng.getstate(), iteration=it, config=dataclasses.asdict(cfg)),
-                   os.path.join(tmp, "state.pt"))  # written last: a folder with a readable state.pt is complete
-        shutil.rmtree(prev, ignore_errors=True)
-        if os.path.isdir(ckpt):
-            os.replace(ckpt, prev)
-        os.replace(tmp, ckpt)
-        shutil.rmtree(prev, ignore_errors=True)
-
-
-def load_checkpoint(cfg):
-    """--resume: (folder, state) of <run>/checkpoint, or of checkpoint.prev if a crash left the newest one unreadable
-    (reported by name); (None, None) if none. Stops if the saved config differs in a field that changes the run."""
-    for path in (os.path.join(cfg.run_dir, name) for name in ("checkpoint", "checkpoint.prev")):
-        if not os.path.isdir(path):
-            continue
-        try:
-            state = torch.load(os.path.join(path, "state.pt"), weights_only=False)
-        except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
-            print(f"--resume: {path} is incomplete or unreadable ({type(e).__name__}: {e}); trying the previous one")
-            continue
-        diff = [f"--{k} {v} (saved: {state['config'][k]})" for k, v in dataclasses.asdict(cfg).items()
-                if k not in RESUMABLE and v != state["config"].get(k)]
-        if diff:
-            raise SystemExit(f"--resume: {path} was saved with other settings: {', '.join(diff)}")
-        return path, state
-    return None, None
 
 
 if __name__ == "__main__":

@@ -213,7 +213,8 @@ def ladder(root, out, target=0.8):
         col = lambda k: [r[k] for r in rs]  # noqa: E731
         print(f"| {METHODS[m]} | {len(rs)} | {ci(mean_ci(col('final_success')))} | "
               f"{ci(mean_ci(col('iters_to_target')))} | {np.mean(col('heldout_before')):.3f} | "
-              f"{np.mean(col('heldout_after')):.3f} | {np.nanmean(col('ev_low')):.2f}, {np.nanmean(col('ev_high')):.2f} |")
+              f"{np.mean(col('heldout_after')):.3f} | {np.nanmean(col('ev_low')):.2f}, "
+              f"{np.nanmean(col('ev_high')):.2f} |")
     if {"hae", "gae"} <= set(by):
         for key, name in (("final_success", "training success at the end"), ("iters_to_target", "iterations to "
                                                                                                  f"{target}")):

@@ -118,3 +118,63 @@ def test_warm_start_learning_rate_falls_linearly_to_zero(tmp_path):
     finally:
         hook.remove()
     assert lrs == pytest.approx([1e-3 * (1 - k / 6) for k in range(6)])
+
+
+def test_a_kit_built_with_other_settings_is_rebuilt_and_other_games_stop_the_run(tmp_path, capsys):
+    """demo.py skips a warm start built with the same settings, rebuilds one built with others (reported), and
+    stops on a data folder generated with other game settings instead of reusing or overwriting it."""
+    run = str(tmp_path / "kit")
+    args = ["--env", "demo:Fixed", "--run_dir", run, "--episodes", "8", "--sft_epochs", "1"]
+    demo.main(args)
+    warm = os.path.join(run, "warm-start", "model.safetensors")
+    first = os.path.getmtime(warm)
+    demo.main(args)
+    assert os.path.getmtime(warm) == first and "rebuilding" not in capsys.readouterr().out
+    demo.main(args[:-1] + ["2"])
+    assert os.path.getmtime(warm) > first and "built with other settings" in capsys.readouterr().out
+    with open(os.path.join(run, "kit.json")) as f:
+        assert json.load(f)["sft_epochs"] == 2
+    data = tmp_path / "games"
+    data.mkdir()
+    (data / "generated").write_text(json.dumps(dict(train_games=3, eval_games=1, max_receptacles=5, n_distractors=0)))
+    with pytest.raises(SystemExit, match="generated with"):
+        demo.main(["--data_dir", str(data), "--games_only"])
+
+
+def test_ladder_tasks_follow_their_rules():
+    """The ladder's envs: the right button switches the current light off and opens the next, a wrong one answers
+    "Nothing happens.", won only when the last is off, done then or at the step limit; Fixed's answer is always
+    blue and unnamed, Read and Stages name it; held-out draws differ from training draws."""
+    env = envs.make("demo:Stages", seed=0)
+    obs, info = env.reset(3)
+    assert info["admissible_actions"] == [f"press {c}" for c in demo.COLOURS] and not info["won"]
+    colours = list(env.colours)
+    assert f"Light 1 of 3 is {colours[0]}." in obs and "Your task is to:" in obs
+    wrong = next(c for c in demo.COLOURS if c != colours[0])
+    obs, r, done, trunc, info = env.step(f"press {wrong}")
+    assert obs.startswith("Nothing happens.") and (r, done, trunc, info["won"]) == (0.0, False, False, False)
+    for k, c in enumerate(colours):
+        obs, r, done, _, info = env.step(f"press {c}")
+        assert f"Light {k + 1} is off." in obs and done == (k == 2) and info["won"] == (k == 2) and r == (k == 2)
+    env.reset(3)
+    steps = [env.step("press nothing")[2] for _ in range(6)]
+    assert steps == [False] * 5 + [True]  # the step limit ends the episode, lost
+    fixed = envs.make("demo:Fixed")
+    obs, _ = fixed.reset(0)
+    assert fixed.colours == ["blue"] and "blue" not in obs and fixed.step("press blue")[2]
+    train = [tuple((e := envs.make("demo:Stages")).reset(g) and e.colours) for g in range(64)]
+    test = [tuple((e := envs.make("demo:Stages", split="test")).reset(g) and e.colours) for g in range(64)]
+    assert train != test and len(set(test)) > 20 and demo.Stages.n_games(None, "test") == 64
+
+
+def test_ladder_demonstrations_read_as_often_as_asked():
+    """A demonstrator that always reads wins every episode in one press per light, SWITCHing at each new light
+    and never KEEPing; one that never reads presses at random and KEEPs while it retries a light."""
+    reads = demo.ladder_demos("demo:Stages", 20, 1.0)
+    assert all(len(ep) == 3 for ep in reads)
+    assert all(r.startswith("<switch>SWITCH</switch>") for ep in reads for _, r in ep)
+    random_ = demo.ladder_demos("demo:Stages", 40, 0.0)
+    keeps = [r for ep in random_ for _, r in ep if r.startswith("<switch>KEEP</switch>")]
+    assert keeps and all(envs.parse_response(r)[1] for ep in random_ for _, r in ep)
+    prompt, response = reads[0][1]
+    assert "Current subgoal: switch off light 1" in prompt and "switch off light 2" in response

