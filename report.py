@@ -206,6 +206,7 @@ def ladder(root, out, target=0.8):
         w.writerows([{k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()} for r in rows])
     by = {m: [r for r in rows if r["method"] == m] for m in METHODS if any(r["method"] == m for r in rows)}
     ci = lambda t: f"{t[0]:.2f} [{t[1]:.2f}, {t[2]:.2f}]"  # noqa: E731
+    ev_mean = lambda xs: np.mean([x for x in xs if not np.isnan(x)] or [np.nan])  # noqa: E731  GRPO: no critic
     print(f"| method | seeds | training success at the end | iterations to {target} | held-out before | after | "
           "explained variance (low, high) |")
     print("|---|---:|---|---|---:|---:|---|")
@@ -213,8 +214,7 @@ def ladder(root, out, target=0.8):
         col = lambda k: [r[k] for r in rs]  # noqa: E731
         print(f"| {METHODS[m]} | {len(rs)} | {ci(mean_ci(col('final_success')))} | "
               f"{ci(mean_ci(col('iters_to_target')))} | {np.mean(col('heldout_before')):.3f} | "
-              f"{np.mean(col('heldout_after')):.3f} | {np.nanmean(col('ev_low')):.2f}, "
-              f"{np.nanmean(col('ev_high')):.2f} |")
+              f"{np.mean(col('heldout_after')):.3f} | {ev_mean(col('ev_low')):.2f}, {ev_mean(col('ev_high')):.2f} |")
     if {"hae", "gae"} <= set(by):
         for key, name in (("final_success", "training success at the end"), ("iters_to_target", "iterations to "
                                                                                                  f"{target}")):

@@ -53,3 +53,30 @@ def test_compare_pairs_seeds_per_game_and_differences_the_methods(tmp_path):
     assert float(rows[("hae", "2 seeds")]["delta"]) == 0.5 and float(rows[("gae", "2 seeds")]["delta"]) == 0.0
     assert float(rows[("hae - gae", "per game")]["delta"]) == 0.5
     assert (tmp_path / "out" / "compare.png").stat().st_size > 0
+
+
+def test_ladder_comparison_by_hand(tmp_path):
+    """Two methods × three seeds: final success is the mean of the last two training iterations, iterations to 0.8
+    the first one that reaches it (iterations + 1 if none); HiPER − flat GAE is a difference of means over seeds."""
+    import csv
+    curves = {("hae", 1): [0.3, 0.8, 0.9], ("hae", 2): [0.3, 0.5, 0.7], ("hae", 3): [0.4, 0.9, 1.0],
+              ("gae", 1): [0.3, 0.4, 0.6], ("gae", 2): [0.2, 0.5, 0.5], ("gae", 3): [0.3, 0.6, 0.8]}
+    for (method, seed), success in curves.items():
+        run = tmp_path / "runs" / f"{method}-s{seed}"
+        run.mkdir(parents=True)
+        lines = [dict(updates=0, **{"test/wins": [[0], [1]]})] + [
+            dict(iteration=i + 1, success=s, invalid_rate=0.0, switch_rate=0.5, explained_variance_low=0.5,
+                 explained_variance_high=None, explained_variance_term=0.1) for i, s in enumerate(success)] + [
+            dict(updates=3, **{"test/wins": [[1], [1]]})]
+        (run / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+        (run / "done").write_text("")
+    report.ladder(str(tmp_path / "runs"), str(tmp_path / "out"))
+    rows = {(r["method"], r["seed"]): r for r in csv.DictReader(open(tmp_path / "out" / "ladder_compare.csv"))}
+    assert float(rows[("hae", "1")]["final_success"]) == pytest.approx(0.85)
+    assert [int(rows[("hae", str(s))]["iters_to_target"]) for s in (1, 2, 3)] == [2, 4, 2]
+    assert [int(rows[("gae", str(s))]["iters_to_target"]) for s in (1, 2, 3)] == [4, 4, 3]
+    assert float(rows[("hae", "1")]["heldout_before"]) == 0.5 and float(rows[("hae", "1")]["heldout_after"]) == 1.0
+    assert rows[("hae", "1")]["ev_high"] == "nan" and float(rows[("hae", "1")]["ev_low"]) == 0.5
+    d, low, high = report.diff_ci([0.85, 0.6, 0.95], [0.5, 0.5, 0.7])
+    assert d == pytest.approx(0.2333, abs=1e-3) and low <= d <= high
+    assert (tmp_path / "out" / "ladder_compare.png").stat().st_size > 0
