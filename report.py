@@ -164,8 +164,8 @@ def compare(root, out):
 def mean_ci(x):
     """Mean over seeds and its 95 % bootstrap interval (scipy, percentile, 10,000 resamples, seeded)."""
     x = np.asarray(x, float)
-    if np.ptp(x) == 0:
-        return float(x.mean()), float(x[0]), float(x[0])
+    if len(x) < 2 or np.ptp(x) == 0:  # one seed: no interval; all seeds alike: that point
+        return float(x.mean()), (float(x[0]) if len(x) > 1 else np.nan), (float(x[0]) if len(x) > 1 else np.nan)
     ci = stats.bootstrap((x,), np.mean, n_resamples=10_000, method="percentile", random_state=0).confidence_interval
     return float(x.mean()), float(ci.low), float(ci.high)
 
@@ -173,6 +173,9 @@ def mean_ci(x):
 def diff_ci(x, y):
     """mean(x) − mean(y) over independent seeds and its 95 % bootstrap interval (each sample resampled alone)."""
     x, y = np.asarray(x, float), np.asarray(y, float)
+    if min(len(x), len(y)) < 2 or np.ptp(x) == np.ptp(y) == 0:
+        d = float(x.mean() - y.mean())
+        return (d, d, d) if min(len(x), len(y)) > 1 else (d, np.nan, np.nan)
     ci = stats.bootstrap((x, y), lambda a, b, axis=-1: a.mean(axis) - b.mean(axis), n_resamples=10_000,
                          method="percentile", random_state=0).confidence_interval
     return float(x.mean() - y.mean()), float(ci.low), float(ci.high)
@@ -209,12 +212,12 @@ def ladder(root, out, target=0.8):
     ev_mean = lambda xs: np.mean([x for x in xs if not np.isnan(x)] or [np.nan])  # noqa: E731  GRPO: no critic
     print(f"| method | seeds | training success at the end | iterations to {target} | held-out before | after | "
           "explained variance (low, high) |")
-    print("|---|---:|---|---|---:|---:|---|")
+    print("|---|---:|---|---|---|---|---|")
     for m, rs in by.items():
         col = lambda k: [r[k] for r in rs]  # noqa: E731
         print(f"| {METHODS[m]} | {len(rs)} | {ci(mean_ci(col('final_success')))} | "
-              f"{ci(mean_ci(col('iters_to_target')))} | {np.mean(col('heldout_before')):.3f} | "
-              f"{np.mean(col('heldout_after')):.3f} | {ev_mean(col('ev_low')):.2f}, {ev_mean(col('ev_high')):.2f} |")
+              f"{ci(mean_ci(col('iters_to_target')))} | {ci(mean_ci(col('heldout_before')))} | "
+              f"{ci(mean_ci(col('heldout_after')))} | {ev_mean(col('ev_low')):.2f}, {ev_mean(col('ev_high')):.2f} |")
     if {"hae", "gae"} <= set(by):
         for key, name in (("final_success", "training success at the end"), ("iters_to_target", "iterations to "
                                                                                                  f"{target}")):

@@ -4,7 +4,7 @@
 #                            warm start on walkthroughs; then hiper.py trains it; prints the paired verdict, runs/demo/
 #   bash train.sh ladder T   CPU, a few minutes: one rung of the ladder of controlled tasks (T = fixed | read | stages),
 #                            its warm start then 11 iterations; runs/ladder-T/
-#   bash train.sh ladder-compare   CPU: HiPER vs flat GAE vs GRPO on the stages rung, 5 seeds → results/ladder_compare.*
+#   bash train.sh ladder-compare   CPU: HiPER vs flat GAE vs GRPO on the stages rung, 5 seeds → results/ladder_*
 #   bash train.sh compare    CPU: HiPER vs flat PPO-GAE vs GRPO on the ALFWorld demo, 3 seeds → results/
 #   bash train.sh alfworld   paper settings, ALFWorld (κ = −0.3, bootstrap_truncated on), vLLM; MODEL=... for 7B
 #   bash train.sh webshop    paper settings, WebShop (κ = −3.5, bootstrap_truncated off), vLLM; needs WEBSHOP_PATH
@@ -22,7 +22,7 @@ LAUNCH=(python)
   --rdzv_backend c10d --rdzv_endpoint "${MASTER_ADDR:-localhost}:${MASTER_PORT:-29500}" --rdzv_id hiper)
 DATA=data/alfworld
 SHAPE=(--data_dir "$DATA" --history 1 --max_turns 20)  # 20-turn episodes, one history record (demo.py and hiper.py)
-# demo.py: the games (once), a tiny model, and its supervised warm start (8 epochs: ~7 of the demo's 20 minutes)
+# demo.py: the games (once), a tiny model, and its supervised warm start (8 epochs: ~7 minutes on 2 cores)
 KIT=("${SHAPE[@]}" --sft_epochs "${SFT_EPOCHS:-8}")
 # The CPU regime, found on the ladder's training episodes (results/README.md) and used by the ladder, its tests, the
 # demo and the comparisons: a KL anchor of 0.5, 4 PPO epochs in minibatches of 16 turns at an actor learning rate
@@ -46,20 +46,19 @@ ladder_kit() {  # the warm start of rung $1
 LADDER=(--n_envs 64 --history 1 --max_new_tokens 40 --iters 11 --eval_every 0 --save_every 100 "${CPU[@]}")
 
 case "$preset" in
-  demo)  # ~19 min: 3 iterations of 16 episodes (the first critic-only); each validation plays 120 episodes (~2.5 min)
+  demo)  # 3 iterations of 16 episodes (the first critic-only); each validation plays 120 episodes (~2.5 min)
     run=${RUN:-runs/demo}
     python demo.py "${KIT[@]}" --run_dir "$run"
-    python hiper.py "${RL[@]}" --n_envs 16 --iters 3 --eval_every 3 --critic_warmup 1 --model "$run/warm-start" \
-      --run_dir "$run" "$@"
+    python hiper.py "${RL[@]}" --n_envs 16 --iters 3 --eval_every 3 --model "$run/warm-start" --run_dir "$run" "$@"
     python report.py "$run" ;;
   ladder)  # bash train.sh ladder fixed|read|stages [--adv hae|gae|grpo ...]: 2-4 min; training success per iteration
     task=${1:-}; kit=$(ladder_kit "$task"); shift
     root=${RUN:-runs/ladder-$task}; env=demo:${task^}; steps=$([ "$task" = stages ] && echo 6 || echo 1)
     # shellcheck disable=SC2086  # $kit is a list of flags
     python demo.py --env "$env" $kit --sft_lr 1e-3 --sft_batch 8 --run_dir "$root"
-    python hiper.py --env "$env" --model "$root/warm-start" --max_turns "$steps" --env_max_steps "$steps" "${LADDER[@]}" \
-      --run_dir "$root/rl" "$@" ;;
-  ladder-compare)  # ~2 h on 2 cores (one run at a time), resumable: HiPER, flat GAE, GRPO on the stages rung from one warm start, 5 seeds
+    python hiper.py --env "$env" --model "$root/warm-start" --max_turns "$steps" --env_max_steps "$steps" \
+      "${LADDER[@]}" --run_dir "$root/rl" "$@" ;;
+  ladder-compare)  # ~2 h on 2 cores, resumable: HiPER, flat GAE, GRPO on the stages rung, one warm start, 5 seeds
     root=${RUN:-runs/ladder-compare}
     for seed in 1 2 3 4 5; do
       for adv in hae gae grpo; do
@@ -69,7 +68,7 @@ case "$preset" in
       done
     done
     python report.py --ladder "$root" results ;;
-  compare)  # ~1 h 50 min, resumable: HiPER, flat GAE, GRPO from one warm start, 3 seeds, 8 iterations of 16 episodes
+  compare)  # ~2 h (not re-timed with the CPU regime), resumable: HiPER, flat GAE, GRPO from one warm start, 3 seeds
     root=${RUN:-runs/compare}
     python demo.py "${KIT[@]}" --run_dir $root/warm
     for seed in 1 2 3; do
@@ -92,6 +91,6 @@ case "$preset" in
     python report.py "$run" ;;
   gpu-check)  # the GPU path without downloads: vLLM sleep/wake and weight sync, phase times, peak memory (~8 min)
     python bench_step.py --check ;;
-  *) echo "usage: bash train.sh [demo|ladder T|ladder-compare|compare|alfworld|webshop|gpu-check] [--field value ...]" >&2
+  *) echo "usage: bash train.sh [demo|ladder T|ladder-compare|compare|alfworld|webshop|gpu-check] [--field value]" >&2
      exit 2 ;;
 esac

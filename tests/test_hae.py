@@ -9,7 +9,7 @@ from hae import hae, normalize, self_bootstrap, term_advantage
 
 
 def hae_loop(r, v_low, v_high, boundary, done, lengths, boot_low, boot_high, gamma, lam, lam_seg, v_term=None):
-    """Spec §5 steps 1–3, one row, one segment, one turn at a time, on Python lists."""
+    """METHOD.md §5 steps 1–3, one row, one segment, one turn at a time, on Python lists."""
     B, T = len(r), len(r[0])
     out = {k: [[0.0] * T for _ in range(B)] for k in ("adv_low", "ret_low", "adv_high", "ret_high", "adv_term", "ret_term")}
     for b in range(B):
@@ -96,8 +96,8 @@ def one_row(r, v_low, v_high, switch, done_last, bootstrap=None, **kw):
     return hae(t(r), t(v_low), t(v_high), torch.tensor([switch]), done, None, bootstrap, **kw)
 
 
-def test_spec_vector():
-    """Spec §14: one trajectory, 5 turns, S K S K K, done at t=4."""
+def test_worked_example():
+    """METHOD.md §5, the worked example: one trajectory, 5 turns, S K S K K, done at t=4."""
     r = [0, 0, -0.1, 0, 10]
     v_low = [1, 2, 3, 4, 5]
     v_high = [0.5, 99.0, 2.5, 99.0, 99.0]  # read only at segment starts
