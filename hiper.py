@@ -577,16 +577,16 @@ def train(cfg, device):
         if rank == 0:
             print(json.dumps(line, indent=1))
         return
-    actor_opt = torch.optim.AdamW(policy.parameters(), lr=cfg.actor_lr, weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
-    critic_opt = torch.optim.AdamW(critic.parameters(), lr=cfg.critic_lr, weight_decay=cfg.weight_decay,
-                                   eps=cfg.adam_eps)
+    actor_opt = torch.optim.AdamW(policy.parameters(), cfg.actor_lr, weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
+    critic_opt = torch.optim.AdamW(critic.parameters(), cfg.critic_lr, weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
     rng = random.Random(cfg.seed)  # the same stream on every rank: games, minibatch order
-    start = state["iteration"] if ckpt else 0
-    for model, opt, key in ((policy, actor_opt, "actor_opt"), (critic, critic_opt, "critic_opt")) if ckpt else ():
-        if state[key] is not None:
-            set_optimizer_state_dict(model, opt, state[key], options=FULL)
+    start = 0
     if ckpt:
+        for model, opt, key in ((policy, actor_opt, "actor_opt"), (critic, critic_opt, "critic_opt")):
+            if state[key] is not None:
+                set_optimizer_state_dict(model, opt, state[key], options=FULL)
         rng.setstate(state["rng"])
+        start = state["iteration"]
     log_path = os.path.join(cfg.run_dir, "metrics.jsonl")
     if rank == 0 and os.path.exists(log_path):  # keep iterations ≤ start and validations < start: each logged once
         with open(log_path) as f:  # complete lines only: a crash may have cut the last one
