@@ -467,12 +467,13 @@ def main(argv=None):
     if a.games_only:
         return
     tiny, warm = os.path.join(a.run_dir, "tiny-init"), os.path.join(a.run_dir, "warm-start")
-    settings, path = {k: v for k, v in vars(a).items() if k not in ("games_only", "run_dir")}, os.path.join(a.run_dir,
-                                                                                                           "kit.json")
-    if os.path.isdir(warm):
-        with open(path) as f:
-            if json.load(f) == settings:
-                return  # built with these settings already
+    settings = {k: v for k, v in vars(a).items() if k not in ("games_only", "run_dir")}
+    path = os.path.join(a.run_dir, "kit.json")
+    if os.path.isdir(warm):  # a warm start without kit.json predates the record: rebuilt too
+        if os.path.exists(path):
+            with open(path) as f:
+                if json.load(f) == settings:
+                    return  # built with these settings already
         print(f"{a.run_dir}: built with other settings ({path}); rebuilding its tiny model and warm start")
         for d in (tiny, warm):
             shutil.rmtree(d, ignore_errors=True)

@@ -134,6 +134,10 @@ def test_a_kit_built_with_other_settings_is_rebuilt_and_other_games_stop_the_run
     assert os.path.getmtime(warm) > first and "built with other settings" in capsys.readouterr().out
     with open(os.path.join(run, "kit.json")) as f:
         assert json.load(f)["sft_epochs"] == 2
+    second = os.path.getmtime(warm)
+    os.remove(os.path.join(run, "kit.json"))  # a warm start from before the record: rebuilt, not trusted
+    demo.main(args[:-1] + ["2"])
+    assert os.path.getmtime(warm) > second and os.path.exists(os.path.join(run, "kit.json"))
     data = tmp_path / "games"
     data.mkdir()
     (data / "generated").write_text(json.dumps(dict(train_games=3, eval_games=1, max_receptacles=5, n_distractors=0)))
