@@ -35,7 +35,7 @@ from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
 import envs
 from hae import hae, normalize, segment_starts, self_bootstrap, term_advantage
-from plumbing import (FULL, awake, gather, init_distributed, load_checkpoint, save_checkpoint,  # noqa: F401
+from plumbing import (FULL, awake, gather, init_distributed, load_checkpoint, save_checkpoint,
                       shard, share, unsharded, vllm_engine, world)
 
 
