@@ -457,8 +457,8 @@ def main(argv=None):
     p.add_argument("--episodes", type=int, default=300, help="ladder: demonstrated episodes")
     p.add_argument("--read_rate", type=float, default=0.5, help="ladder: how often the demonstrator reads its light")
     p.add_argument("--sft_epochs", type=int, default=8)
-    p.add_argument("--sft_lr", type=float, default=3e-3, help="at the start, falling linearly to 0")
-    p.add_argument("--sft_batch", type=int, default=4, help="turns per optimizer step")
+    p.add_argument("--sft_lr", type=float, default=1e-3, help="at the start, falling linearly to 0")
+    p.add_argument("--sft_batch", type=int, default=8, help="turns per optimizer step")
     p.add_argument("--seed", type=int, default=6)
     a = p.parse_args(argv)
     ladder = a.env != "alfworld"

@@ -2,6 +2,8 @@
 # Presets for hiper.py. Extra arguments pass through to hiper.py (--name value overrides any field).
 #   bash train.sh            offline CPU demo: demo.py generates ALFWorld games, builds a tiny model and its supervised
 #                            warm start on walkthroughs; then hiper.py trains it; prints the paired verdict, runs/demo/
+#   bash train.sh learn      CPU, ~60 min: the demo with a 6-epoch warm start and 10 iterations of 32 episodes;
+#                            its verdict, metrics and curve → results/learn_*
 #   bash train.sh ladder T   CPU, a few minutes: one rung of the ladder of controlled tasks (T = fixed | read | stages),
 #                            its warm start then 11 iterations; runs/ladder-T/
 #   bash train.sh ladder-compare   CPU: HiPER vs flat GAE vs GRPO on the stages rung, 5 seeds → results/ladder_*
@@ -51,11 +53,19 @@ case "$preset" in
     python demo.py "${KIT[@]}" --run_dir "$run"
     python hiper.py "${RL[@]}" --n_envs 16 --iters 3 --eval_every 3 --model "$run/warm-start" --run_dir "$run" "$@"
     python report.py "$run" ;;
+  learn)  # ~60 min: a warm start that leaves RL room (6 epochs), 10 iterations of 32 episodes → results/learn_*
+    run=${RUN:-runs/learn}
+    python demo.py "${SHAPE[@]}" --sft_epochs 6 --run_dir "$run"
+    python hiper.py "${RL[@]}" --n_envs 32 --iters 10 --eval_every 10 --model "$run/warm-start" --run_dir "$run" "$@"
+    python report.py "$run"
+    cp "$run/verdict.json" results/learn_verdict.json
+    cp "$run/metrics.jsonl" results/learn_metrics.jsonl
+    cp "$run/curve.png" results/learn_curve.png ;;
   ladder)  # bash train.sh ladder fixed|read|stages [--adv hae|gae|grpo ...]: 2-4 min; training success per iteration
     task=${1:-}; kit=$(ladder_kit "$task"); shift
     root=${RUN:-runs/ladder-$task}; env=demo:${task^}; steps=$([ "$task" = stages ] && echo 6 || echo 1)
     # shellcheck disable=SC2086  # $kit is a list of flags
-    python demo.py --env "$env" $kit --sft_lr 1e-3 --sft_batch 8 --run_dir "$root"
+    python demo.py --env "$env" $kit --run_dir "$root"
     python hiper.py --env "$env" --model "$root/warm-start" --max_turns "$steps" --env_max_steps "$steps" \
       "${LADDER[@]}" --run_dir "$root/rl" "$@" ;;
   ladder-compare)  # ~2 h on 2 cores, resumable: HiPER, flat GAE, GRPO on the stages rung, one warm start, 5 seeds
@@ -91,6 +101,6 @@ case "$preset" in
     python report.py "$run" ;;
   gpu-check)  # the GPU path without downloads: vLLM sleep/wake and weight sync, phase times, peak memory (~8 min)
     python bench_step.py --check ;;
-  *) echo "usage: bash train.sh [demo|ladder T|ladder-compare|compare|alfworld|webshop|gpu-check] [--field value]" >&2
+  *) echo "usage: bash train.sh [demo|learn|ladder T|ladder-compare|compare|alfworld|webshop|gpu-check] [--field value]" >&2
      exit 2 ;;
 esac
