@@ -59,9 +59,7 @@ case "$preset" in
     python hiper.py "${RL[@]}" "${games[@]}" --n_envs 32 --iters 10 --eval_every 10 --model "$run/warm-start" \
       --run_dir "$run" "$@"
     python report.py "$run"
-    cp "$run/verdict.json" results/learn_verdict.json
-    cp "$run/metrics.jsonl" results/learn_metrics.jsonl
-    cp "$run/curve.png" results/learn_curve.png ;;
+    for f in verdict.json metrics.jsonl curve.png; do cp "$run/$f" "results/learn_$f"; done ;;
   ladder)  # bash train.sh ladder fixed|read|stages [--adv hae|gae|grpo ...]: 2-4 min; training success per iteration
     task=${1:-}; kit=$(ladder_kit "$task"); shift
     root=${RUN:-runs/ladder-$task}; env=demo:${task^}; steps=$([ "$task" = stages ] && echo 6 || echo 1)
@@ -102,6 +100,7 @@ case "$preset" in
     python report.py "$run" ;;
   gpu-check)  # the GPU path without downloads: vLLM sleep/wake and weight sync, phase times, peak memory (~8 min)
     python bench_step.py --check ;;
-  *) echo "usage: bash train.sh [demo|learn|ladder T|ladder-compare|compare|alfworld|webshop|gpu-check] [--field value]" >&2
+  *) echo "usage: bash train.sh [demo|learn|ladder T|ladder-compare|compare|alfworld|webshop|gpu-check]" \
+       "[--field value]" >&2
      exit 2 ;;
 esac
