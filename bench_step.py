@@ -86,7 +86,7 @@ def main():
     # generation: HF generate (the vLLM backend is not part of this benchmark)
     outs, t_gen = timed(lambda: hiper.generate(policy, tok, [prompt_text] * a.gen_batch, a.gen_tokens, 1.0,
                                                max_prompt=a.prompt + 64))
-    gen_tokens = sum(len(r) for _, r in outs)
+    gen_tokens = sum(len(r) for _, r, _ in outs)
 
     # a batch of turns in the plan-execute format, padded with filler tokens to `--response`
     answer = tok("<switch>SWITCH</switch><subgoal>find the apple</subgoal><action>go to countertop 1</action>")
@@ -181,7 +181,7 @@ def check(size, device):
 
     def generate(*args, **kwargs):
         out = real_generate(*args, **kwargs)
-        tokens[0] += sum(len(r) for _, r in out)
+        tokens[0] += sum(len(r) for _, r, _ in out)
         return out
 
     hiper.awake, hiper.generate = awake, timed_as("generate", generate)

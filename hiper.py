@@ -7,9 +7,11 @@ parse → env step) → token masks and rewards (§8) → log-probs and values a
 say "torchrun:".
 
 A turn is a dict; each stage adds its fields:
-    rollout     prompt, response (token ids, EOS kept), text, valid (§2), boundary (§3), won, done, task_type
+    rollout     prompt, response (token ids, EOS kept), text, valid (§2), boundary (§3), won, done, task_type;
+                old_logp: [R] float, from the generation pass (HF sampling)
     annotate    masks (switch, subgoal, action: a bool per response token, §5 step 4), v_low_idx (§7), reward (§8)
-    score       old_logp, ref_logp: [R] float; values: [3] float, V_low, V_high, V_term (§7; not for GRPO)
+    score       ref_logp (and old_logp if generation did not give it): [R] float; values: [3] float, V_low, V_high,
+                V_term (§7; not for GRPO)
     advantages  adv, loss_mask: [R] (§5 step 4); returns, value_mask: [3], the critic's targets (not for GRPO)
 
     python hiper.py --env alfworld --model Qwen/Qwen2.5-1.5B-Instruct
@@ -169,18 +171,27 @@ def mix(*ints):
     return hash(ints) % 2 ** 62  # an int tuple's hash is not salted
 
 
-def gumbel_sampler(seeds, temperature, device):
+def gumbel_sampler(seeds, temperature, device, logps):
     """An HF logits processor whose argmax samples softmax(logits / temperature) (the Gumbel-max trick), row i's
-    noise from a generator seeded seeds[i]: a row's draws do not depend on the batch, as vLLM's per-request seeds."""
+    noise from a generator seeded seeds[i]: a row's draws do not depend on the batch, as vLLM's per-request seeds.
+    Appends to `logps` each step's [N] log-probabilities of the drawn tokens under softmax(logits / temperature)."""
     gens = [torch.Generator(device).manual_seed(s) for s in seeds]
-    return lambda ids, scores: scores.float() / temperature - torch.log(-torch.log(torch.stack(
-        [torch.rand(scores.shape[1], generator=g, device=scores.device) for g in gens]).clamp(min=1e-20)))
+
+    def sample(ids, scores):
+        z = scores.float() / temperature
+        noisy = z - torch.log(-torch.log(torch.stack(
+            [torch.rand(scores.shape[1], generator=g, device=scores.device) for g in gens]).clamp(min=1e-20)))
+        logps.append(torch.log_softmax(z, -1).gather(1, noisy.argmax(1, keepdim=True))[:, 0])
+        return noisy
+    return sample
 
 
 def generate(policy, tok, prompts, max_new_tokens, temperature, max_prompt=2048, engine=None, seeds=None):
     """Sample responses to a batch of chat prompts with HF generate, or with `engine` (vLLM) if given, prompt i from
-    its own sampling seed seeds[i] (temperature 0: greedy); returns (prompt ids, response ids) lists without
-    padding, EOS kept."""
+    its own sampling seed seeds[i] (temperature 0: greedy); returns (prompt ids, response ids, log-probs) lists
+    without padding, EOS kept. HF sampling also returns each token's log-probability under the sampling
+    distribution, from the generation pass itself: the old log-probs of PPO, as a forward pass would give them in
+    fp32 (tested); None from vLLM (its kernels differ from the trainer's: `score` recomputes them) or greedy."""
     enc = tok([chat(tok, p) for p in prompts], return_tensors="pt", padding=True)
     longest = enc.attention_mask.sum(1).max().item()
     if longest > max_prompt:  # the official scripts stop here too (§9); raise --max_prompt or shorten --history
@@ -192,15 +203,21 @@ def generate(policy, tok, prompts, max_new_tokens, temperature, max_prompt=2048,
         params = [SamplingParams(temperature=temperature, top_p=1.0, top_k=0, max_tokens=max_new_tokens, seed=s)
                   for s in seeds]
         outs = engine.generate([TokensPrompt(prompt_token_ids=p) for p in ids], params, use_tqdm=False)
-        return [(p, list(o.outputs[0].token_ids)) for p, o in zip(ids, outs)]
-    sample = [gumbel_sampler(seeds, temperature, policy.device)] if temperature > 0 else []
+        return [(p, list(o.outputs[0].token_ids), None) for p, o in zip(ids, outs)]
+    logps = []
+    sample = [gumbel_sampler(seeds, temperature, policy.device, logps)] if temperature > 0 else []
     with autocast(policy.device):  # the sampling is the processor's argmax: no top-k, top-p or repetition penalty
         out = policy.generate(**{k: v.to(policy.device) for k, v in enc.items()}, do_sample=False,
                               logits_processor=sample, max_new_tokens=max_new_tokens, repetition_penalty=1.0,
                               pad_token_id=tok.pad_token_id).cpu()
-    cut = lambda r: r[:r.index(tok.eos_token_id) + 1] if tok.eos_token_id in r else r  # noqa: E731  EOS kept
     rows = out[:, enc.input_ids.shape[1]:].tolist()
-    return [(p, [t for t in cut(row) if t != tok.pad_token_id]) for p, row in zip(ids, rows)]
+    lps = torch.stack(logps, 1).tolist() if logps else [None] * len(rows)  # [N, steps]
+    result = []
+    for p, row, lp in zip(ids, rows, lps):
+        end = row.index(tok.eos_token_id) + 1 if tok.eos_token_id in row else len(row)  # EOS kept
+        keep = [j for j in range(end) if row[j] != tok.pad_token_id]
+        result.append((p, [row[j] for j in keep], None if lp is None else torch.tensor([lp[j] for j in keep])))
+    return result
 
 
 def env_pool(cfg, n, split, seed):
@@ -229,12 +246,13 @@ def rollout(cfg, policy, tok, pool, temperature, seeds, games=None, engine=None)
             outs = generate(policy, tok, prompts, cfg.max_new_tokens, temperature, cfg.max_prompt, engine,
                             [mix(seeds[i], step) for i in active])
             actions = [None] * len(state)
-            for i, (p_ids, r_ids) in zip(active, outs):
+            for i, (p_ids, r_ids, logp) in zip(active, outs):
                 text = tok.decode(r_ids, skip_special_tokens=True)
                 # the next prompt shows this turn's <subgoal> text, or the official fallback (§2)
                 actions[i], valid, state[i]["subgoal"] = envs.parse_response(text, cfg.env)
                 trajs[i].append(dict(prompt=p_ids, response=r_ids, text=text, valid=valid,
                                      boundary=step == 0 or envs.is_boundary(text)))
+                trajs[i][-1].update({} if logp is None else dict(old_logp=logp))  # HF: PPO's old log-probs
             results = pool.step(actions)
             for i in active:
                 obs, _, terminated, _, info = results[i]
@@ -338,8 +356,10 @@ def response_logprobs(model, samples, pad_id, with_entropy=False):
 
 def critic_values(critic, samples, pad_id):
     """[N, 3] values: head 0 at the V_low position, heads 1, 2 at response index 0, each read at the
-    position before the token (§7)."""
-    ids, attn, pos, P = pad_batch(samples, pad_id, critic.device)
+    position before the token (§7). The critic reads no further than that: a causal model's value at a position
+    does not depend on the tokens after it."""
+    seen = [dict(prompt=s["prompt"], response=s["response"][:s["v_low_idx"]]) for s in samples]
+    ids, attn, pos, P = pad_batch(seen, pad_id, critic.device)
     with autocast(ids.device):
         out = critic(input_ids=ids, attention_mask=attn, position_ids=pos).logits.float()  # [N, L, 3]
     v_low = out[torch.arange(len(samples)), P - 1 + torch.tensor([s["v_low_idx"] for s in samples]), 0]
@@ -350,16 +370,16 @@ def score(cfg, trajs, tok, policy, ref, critic):
     """Per turn, in place, from no-grad passes: the old and reference log-probs of the response, and (not for GRPO,
     which has no critic) the 3 values at their positions (§7)."""
     turns = [turn for traj in trajs for turn in traj]
-    micro = [turns[k:k + cfg.microbatch] for k in range(0, len(turns), cfg.microbatch)]
+    micro = lambda todo: [todo[k:k + cfg.microbatch] for k in range(0, len(todo), cfg.microbatch)]  # noqa: E731
     with torch.no_grad():
-        for model, key in ((policy, "old_logp"), (ref, "ref_logp")):
+        for model, key in ((policy, "old_logp"), (ref, "ref_logp")):  # old log-probs: those generation did not give
             with unsharded(model):  # torchrun: ranks score different numbers of turns, on full weights
-                for mb in micro:
+                for mb in micro([s for s in turns if key not in s]):
                     for s, logp in zip(mb, response_logprobs(model, mb, tok.pad_token_id).cpu()):
                         s[key] = logp[:len(s["response"])]
         if cfg.adv != "grpo":
             with unsharded(critic):
-                for mb in micro:
+                for mb in micro(turns):
                     for s, v in zip(mb, critic_values(critic, mb, tok.pad_token_id)):
                         s["values"] = v
     return trajs

@@ -98,9 +98,9 @@ def test_warm_start_imitates_the_demonstrations(tmp_path):
     demo.build_tiny(path, [p + r for p, r in demos[0]] * 5)
     tok, policy, _, _ = hiper.load_models(path, path)
     prompts = [p for p, _ in demos[0]]
-    before = [tok.decode(r, skip_special_tokens=True) for _, r in hiper.generate(policy, tok, prompts, 40, 0.0)]
+    before = [tok.decode(r, skip_special_tokens=True) for _, r, _ in hiper.generate(policy, tok, prompts, 40, 0.0)]
     demo.warm_start(policy, tok, demos, epochs=60, lr=3e-3, batch=2, seed=6)
-    after = [tok.decode(r, skip_special_tokens=True) for _, r in hiper.generate(policy, tok, prompts, 40, 0.0)]
+    after = [tok.decode(r, skip_special_tokens=True) for _, r, _ in hiper.generate(policy, tok, prompts, 40, 0.0)]
     assert after == [r for _, r in demos[0]] and before != after
 
 

@@ -205,7 +205,7 @@ def scripted(monkeypatch, tok, responses):
     def generate(policy, tok_, prompts, *args, **kwargs):
         seen.append(prompts)
         r = tok(responses[min(len(seen), len(responses)) - 1], add_special_tokens=False).input_ids + [tok.eos_token_id]
-        return [(tok(hiper.chat(tok, p)).input_ids, r) for p in prompts]
+        return [(tok(hiper.chat(tok, p)).input_ids, r, None) for p in prompts]
 
     monkeypatch.setattr(hiper, "generate", generate)
     return seen
@@ -367,15 +367,57 @@ def test_a_rows_sample_depends_on_its_seed_alone(tiny):
     a batch, at any position, and changes with its seed; the draws follow softmax(logits / T)."""
     _, (tok, policy, _, _) = tiny
     prompts = ["task: find a mug", "task: heat an egg", "task: look at a book"]
-    together = hiper.generate(policy, tok, prompts, 16, 1.0, seeds=[5, 9, 11])
-    alone = hiper.generate(policy, tok, prompts[1:2], 16, 1.0, seeds=[9])
-    swapped = hiper.generate(policy, tok, prompts[::-1], 16, 1.0, seeds=[11, 9, 5])
+    ids = lambda outs: [(p, r) for p, r, _ in outs]  # noqa: E731
+    together = ids(hiper.generate(policy, tok, prompts, 16, 1.0, seeds=[5, 9, 11]))
+    alone = ids(hiper.generate(policy, tok, prompts[1:2], 16, 1.0, seeds=[9]))
+    swapped = ids(hiper.generate(policy, tok, prompts[::-1], 16, 1.0, seeds=[11, 9, 5]))
     assert together[1] == alone[0] and together == swapped[::-1]
-    assert len({tuple(r) for _, r in hiper.generate(policy, tok, prompts[:1] * 8, 16, 1.0, seeds=list(range(8)))}) > 1
+    eight = ids(hiper.generate(policy, tok, prompts[:1] * 8, 16, 1.0, seeds=list(range(8))))
+    assert len({tuple(r) for _, r in eight}) > 1
     logits = torch.tensor([[2.0, 0.5, -1.0, 0.0]])
-    draws = torch.stack([hiper.gumbel_sampler([s], 0.7, "cpu")(None, logits).argmax(1)[0] for s in range(4000)])
+    draws = torch.stack([hiper.gumbel_sampler([s], 0.7, "cpu", [])(None, logits).argmax(1)[0] for s in range(4000)])
     freq = torch.bincount(draws, minlength=4) / 4000.0
     torch.testing.assert_close(freq, torch.softmax(logits[0] / 0.7, 0), atol=0.03, rtol=0)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_generation_gives_the_old_logprobs_a_forward_pass_gives(tiny, temperature):
+    """PPO's old log-probs come from the sampling pass itself (HF): each drawn token's log-probability under
+    softmax(logits / T), equal to a separate fp32 forward pass over prompt + response (at T = 1, hiper's own
+    response_logprobs); greedy generation gives none."""
+    _, (tok, policy, _, _) = tiny
+    prompts = ["task: find a mug", "task: heat an egg, then put it in the fridge", "task: look"]
+    outs = hiper.generate(policy, tok, prompts, 16, temperature, seeds=[3, 4, 5])
+    samples = [dict(prompt=p, response=r) for p, r, _ in outs]
+    ids, attn, pos, P = hiper.pad_batch(samples, tok.pad_token_id, "cpu")
+    with torch.no_grad():
+        logits = policy(ids, attention_mask=attn, position_ids=pos).logits[:, P - 1:-1] / temperature
+        want = torch.log_softmax(logits, -1).gather(-1, ids[:, P:, None])[..., 0]
+        ours = hiper.response_logprobs(policy, samples, tok.pad_token_id)
+    for (_, r, logp), w, o in zip(outs, want, ours):
+        assert len(logp) == len(r) > 1
+        torch.testing.assert_close(logp, w[:len(r)], atol=1e-5, rtol=0)
+        if temperature == 1.0:
+            torch.testing.assert_close(logp, o[:len(r)], atol=1e-5, rtol=0)
+    assert all(logp is None for _, _, logp in hiper.generate(policy, tok, prompts, 8, 0.0))
+
+
+def test_critic_values_read_only_up_to_the_last_value_position(tiny):
+    """The critic stops reading at the V_low position (§7): the values equal those read from a forward pass over
+    the whole prompt + response."""
+    _, (tok, _, _, critic) = tiny
+    response = tok(OK, add_special_tokens=False).input_ids + [tok.eos_token_id]
+    spans, text = hiper.token_spans(tok, response)
+    samples = [dict(prompt=tok(hiper.chat(tok, p)).input_ids, response=response, v_low_idx=hiper.v_low_index(spans, text))
+               for p in ("task: find a mug", "task: heat an egg, then put it in the fridge")]
+    ids, attn, pos, P = hiper.pad_batch(samples, tok.pad_token_id, "cpu")
+    with torch.no_grad():
+        out = critic(input_ids=ids, attention_mask=attn, position_ids=pos).logits  # [N, L, 3]
+        got = hiper.critic_values(critic, samples, tok.pad_token_id)
+    j = samples[0]["v_low_idx"]
+    assert 0 < j < len(response) - 1
+    torch.testing.assert_close(got, torch.stack([out[:, P - 1 + j, 0], out[:, P - 1, 1], out[:, P - 1, 2]], 1),
+                               atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("args, message", [

@@ -31,13 +31,14 @@ def test_greedy_generation_equals_hf(setup):
     hf = hiper.generate(policy, tok, PROMPTS, 32, 0.0)
     with plumbing.awake(engine, policy):
         vl = hiper.generate(policy, tok, PROMPTS, 32, 0.0, engine=engine)
-    assert vl == hf and all(len(r) > 5 for _, r in hf)
+    assert vl == hf and all(len(r) > 5 for _, r, _ in hf)
 
 
 def test_weights_pushed_after_a_ppo_update_give_the_trainers_logprobs(setup):
     cfg, tok, policy, engine = setup
     with plumbing.awake(engine, policy):
-        samples = [dict(prompt=p, response=r) for p, r in hiper.generate(policy, tok, PROMPTS, 32, 1.0, engine=engine)]
+        outs = hiper.generate(policy, tok, PROMPTS, 32, 1.0, engine=engine)
+        samples = [dict(prompt=p, response=r) for p, r, _ in outs]
     with torch.no_grad():
         before = hiper.response_logprobs(policy, samples, tok.pad_token_id)
     for s, b in zip(samples, before):
