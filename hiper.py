@@ -480,7 +480,6 @@ def update(cfg, model, opt, samples, loss_fn, pad_id, rng, epochs):
             mbatch = [samples[i] for i in order[k:k + cfg.minibatch]]
             mine = mbatch[rank::ws]
             n_micro = math.ceil(math.ceil(len(mbatch) / ws) / cfg.microbatch)  # the same count on every rank
-            opt.zero_grad()
             for j in range(n_micro):
                 micro = mine[j::n_micro]
                 loss, st = loss_fn(cfg, model, micro or mbatch[:1], pad_id, mbatch)
@@ -493,6 +492,7 @@ def update(cfg, model, opt, samples, loss_fn, pad_id, rng, epochs):
                 opt.step()
             else:  # a step whose gradient norm is not finite is skipped (§9)
                 skipped += 1
+            opt.zero_grad(set_to_none=True)  # freed: no gradient outlives its step (wake, scoring, the other update)
     if ws > 1:  # each rank holds its share of every minibatch's statistics
         dist.all_reduce(total := total.to(next(model.parameters()).device))
     return total / (epochs * math.ceil(len(samples) / cfg.minibatch)), skipped

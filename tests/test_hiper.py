@@ -291,6 +291,22 @@ def test_a_non_finite_gradient_skips_the_step_and_is_counted(tiny):
     assert skipped == 0 and not all(torch.equal(w0[k], v) for k, v in policy.state_dict().items())
 
 
+def test_update_leaves_no_gradient_allocated(tiny):
+    """Gradients are freed after every step, taken or skipped (non-finite), so none stays allocated after `update`
+    through the next wake, scoring and the other model's update."""
+    path, _ = tiny
+    tok, policy, _, _ = hiper.load_models(path, path)
+    samples = [sample(tok, OK, 1.0), sample(tok, keep(), float("nan"))]
+    for s in samples:
+        with torch.no_grad():
+            s["old_logp"] = s["ref_logp"] = hiper.response_logprobs(policy, [s], tok.pad_token_id)[0]
+    opt = torch.optim.AdamW(policy.parameters(), lr=1e-3)
+    _, skipped = hiper.update(hiper.Config(minibatch=1), policy, opt, samples, hiper.actor_loss, tok.pad_token_id,
+                              __import__("random").Random(0), epochs=2)
+    assert skipped == 2 and opt.state  # 2 steps taken, 2 skipped
+    assert all(p.grad is None for p in policy.parameters())
+
+
 def small_run(tmp_path):
     """One generated training game, a tiny model on its text, and the arguments of a 3-env CPU run."""
     data, tiny = str(tmp_path / "alf"), str(tmp_path / "tiny")
