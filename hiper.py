@@ -31,6 +31,7 @@ import time
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
 import envs
@@ -325,15 +326,28 @@ def pad_batch(samples, pad_id, device):
     return ids.to(device), attn.to(device), pos.to(device), P
 
 
+LOGP_CHUNK = 32  # response positions per log-softmax chunk: fp32 [N, 32, V] at most, forward and backward
+
+
+def token_logprobs(logits, ids):
+    """A chunk's log π(ids) and entropy H(π), π = softmax(logits), in fp32: [N, c] each, from [N, c, V]."""
+    logp = torch.log_softmax(logits.float(), -1)
+    return logp.gather(-1, ids[..., None])[..., 0], -(logp.exp() * logp).sum(-1)
+
+
 def response_logprobs(model, samples, pad_id, with_entropy=False):
     """log π(token j | prompt, response[:j]) for each response token, as a [N, R] tensor (entries past a
-    row's response are junk). Logits only at the R positions before response tokens: [N, R, V], not [N, L, V]."""
+    row's response are junk). Logits only at the R positions before response tokens: [N, R, V], not [N, L, V];
+    their fp32 log-softmax a chunk of LOGP_CHUNK positions at a time."""
     ids, attn, pos, P = pad_batch(samples, pad_id, model.device)
+    keep = torch.arange(P - 1, ids.shape[1] - 1, device=ids.device)  # P−1 … P+R−2 predict response tokens 0 … R−1
     with autocast(ids.device):
-        lm = model(ids, attention_mask=attn, position_ids=pos, logits_to_keep=ids.shape[1] - P + 1)
-    logp = torch.log_softmax(lm.logits[:, :-1].float(), -1)  # positions P−1 … P+R−2 predict response tokens 0 … R−1
-    out = logp.gather(-1, ids[:, P:, None])[..., 0]
-    return (out, -(logp.exp() * logp).sum(-1)) if with_entropy else out
+        lm = model(ids, attention_mask=attn, position_ids=pos, logits_to_keep=keep)
+    # each chunk recomputed in the backward pass, not stored
+    chunks = [torch.utils.checkpoint.checkpoint(token_logprobs, z, y, use_reentrant=False)
+              for z, y in zip(lm.logits.split(LOGP_CHUNK, 1), ids[:, P:].split(LOGP_CHUNK, 1))]
+    logp, ent = (torch.cat(x, 1) for x in zip(*chunks))  # [N, R] each
+    return (logp, ent) if with_entropy else logp
 
 
 def critic_values(critic, samples, pad_id):

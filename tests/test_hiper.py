@@ -1,11 +1,14 @@
 """hiper.py: reward shaping, token masks on a real chat template, PPO, resume."""
 import json
+import math
 import os
 import re
 
 import pytest
 import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 import demo
 import envs
@@ -96,6 +99,61 @@ def test_actor_loss_matches_hand_computation(tiny):
     s["old_logp"] = logp[0] - 1.0  # ratio e > 1 + ε: the clipped term binds for a positive advantage
     loss, stats = hiper.actor_loss(cfg, policy, [s], tok.pad_token_id, [s])
     assert stats[0].item() == pytest.approx(-0.7 * 1.2, rel=1e-5) and stats[3].item() == 1.0
+
+
+def full_vocab_logprobs(model, samples, pad_id):
+    """The slow reference: one fp32 log-softmax over the whole [N, R, V] (the trainer's computation before chunking):
+    log-probs and entropy [N, R]."""
+    ids, attn, pos, P = hiper.pad_batch(samples, pad_id, model.device)
+    lm = model(ids, attention_mask=attn, position_ids=pos, logits_to_keep=ids.shape[1] - P + 1)
+    logp = torch.log_softmax(lm.logits[:, :-1].float(), -1)
+    return logp.gather(-1, ids[:, P:, None])[..., 0], -(logp.exp() * logp).sum(-1)
+
+
+class Allocations(TorchDispatchMode):
+    """The shape of every tensor an op allocates (an output that shares no storage with the op's inputs)."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        self.shapes += [(func.overloadpacket.__name__, tuple(o.shape)) for o in tree_leaves(out)
+                        if isinstance(o, torch.Tensor) and o.untyped_storage().data_ptr() not in inputs]
+        return out
+
+
+@pytest.mark.parametrize("chunk", [2, 4, 32])
+def test_chunked_logprobs_and_entropy_equal_the_full_vocabulary_computation(monkeypatch, chunk):
+    """Log-probs and entropy in chunks of `chunk` response positions (recomputed in the backward pass) equal one
+    log-softmax over the whole [N, R, V], value and gradient; and no tensor over the vocabulary of more than
+    N × chunk × V elements is allocated, forward or backward, but the logits and their gradient."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    torch.manual_seed(0)
+    V = 5000
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=V, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=1, initializer_range=0.3))
+    rows = [(5, 9), (3, 4), (7, 1)]  # prompt and response lengths: N = 3, R = 9
+    samples = [dict(prompt=torch.randint(1, V, (p,)).tolist(), response=torch.randint(1, V, (r,)).tolist())
+               for p, r in rows]
+    w = torch.randn(2, 3, 9)  # a loss weighing every entry, junk past a row's response included
+    monkeypatch.setattr(hiper, "LOGP_CHUNK", chunk)
+    grads = []
+    for fn in (full_vocab_logprobs, lambda *args: hiper.response_logprobs(*args, with_entropy=True)):
+        model.zero_grad()
+        with Allocations() as seen:
+            out = fn(model, samples, 0)
+            (w[0] * out[0] + w[1] * out[1]).sum().backward()
+        grads.append((torch.stack(out), [p.grad.clone() for p in model.parameters()]))
+    (ref, ref_g), (got, got_g) = grads
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    for a, b in zip(got_g, ref_g):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    big = [op for op, shape in seen.shapes if shape[-1:] == (V,) and math.prod(shape) > 3 * chunk * V]
+    assert big == (["mm", "cat"] if chunk < 9 else [])  # the logits; their gradient, from the chunks' gradients
+    assert sum(op == "_log_softmax" for op, _ in seen.shapes) == 2 * math.ceil(9 / chunk)  # forward, recomputed
 
 
 @pytest.mark.parametrize("sign", [1.0, -1.0])
