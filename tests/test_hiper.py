@@ -101,12 +101,12 @@ def test_actor_loss_matches_hand_computation(tiny):
     assert stats[0].item() == pytest.approx(-0.7 * 1.2, rel=1e-5) and stats[3].item() == 1.0
 
 
-def full_vocab_logprobs(model, samples, pad_id):
-    """The slow reference: one fp32 log-softmax over the whole [N, R, V] (the trainer's computation before chunking):
-    log-probs and entropy [N, R]."""
+def full_vocab_logprobs(model, samples, pad_id, temperature=1.0):
+    """The slow reference: one fp32 log-softmax over the whole [N, R, V] (the trainer's computation before chunking),
+    at `temperature`: log-probs and entropy [N, R]."""
     ids, attn, pos, P = hiper.pad_batch(samples, pad_id, model.device)
     lm = model(ids, attention_mask=attn, position_ids=pos, logits_to_keep=ids.shape[1] - P + 1)
-    logp = torch.log_softmax(lm.logits[:, :-1].float(), -1)
+    logp = torch.log_softmax(lm.logits[:, :-1].float() / temperature, -1)
     return logp.gather(-1, ids[:, P:, None])[..., 0], -(logp.exp() * logp).sum(-1)
 
 
@@ -140,20 +140,54 @@ def test_chunked_logprobs_and_entropy_equal_the_full_vocabulary_computation(monk
                for p, r in rows]
     w = torch.randn(2, 3, 9)  # a loss weighing every entry, junk past a row's response included
     monkeypatch.setattr(hiper, "LOGP_CHUNK", chunk)
-    grads = []
-    for fn in (full_vocab_logprobs, lambda *args: hiper.response_logprobs(*args, with_entropy=True)):
-        model.zero_grad()
-        with Allocations() as seen:
-            out = fn(model, samples, 0)
-            (w[0] * out[0] + w[1] * out[1]).sum().backward()
-        grads.append((torch.stack(out), [p.grad.clone() for p in model.parameters()]))
-    (ref, ref_g), (got, got_g) = grads
-    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
-    for a, b in zip(got_g, ref_g):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
-    big = [op for op, shape in seen.shapes if shape[-1:] == (V,) and math.prod(shape) > 3 * chunk * V]
-    assert big == (["mm", "cat"] if chunk < 9 else [])  # the logits; their gradient, from the chunks' gradients
-    assert sum(op == "_log_softmax" for op, _ in seen.shapes) == 2 * math.ceil(9 / chunk)  # forward, recomputed
+    for temperature in (1.0, 0.7):
+        grads = []
+        for fn in (full_vocab_logprobs, lambda *args: hiper.response_logprobs(*args, with_entropy=True)):
+            model.zero_grad()
+            with Allocations() as seen:
+                out = fn(model, samples, 0, temperature)
+                (w[0] * out[0] + w[1] * out[1]).sum().backward()
+            grads.append((torch.stack(out), [p.grad.clone() for p in model.parameters()]))
+        (ref, ref_g), (got, got_g) = grads
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+        for a, b in zip(got_g, ref_g):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+        big = [op for op, shape in seen.shapes if shape[-1:] == (V,) and math.prod(shape) > 3 * chunk * V]
+        assert big == (["mm", "cat"] if chunk < 9 else [])  # the logits; their gradient, from the chunks' gradients
+        assert sum(op == "_log_softmax" for op, _ in seen.shapes) == 2 * math.ceil(9 / chunk)  # forward, recomputed
+
+
+def test_old_and_reference_logprobs_are_those_of_the_sampling_distribution(tiny):
+    """As the official scripts: at a training temperature T, the old and reference log-probs (and the entropy) are
+    those of softmax(logits / T), the distribution the rollout sampled from, read from the logits HF generate saw at
+    each step; at T = 1, the untempered ones."""
+    _, (tok, policy, ref, critic) = tiny
+    enc = tok([hiper.chat(tok, p) for p in ("task: find a mug", "task: heat an egg")], return_tensors="pt",
+              padding=True)
+    with torch.no_grad():
+        out = policy.generate(**enc, do_sample=False, logits_processor=[hiper.gumbel_sampler([3, 4], 0.7, "cpu")],
+                              max_new_tokens=12, pad_token_id=tok.pad_token_id, output_logits=True,
+                              return_dict_in_generate=True)
+    logits = torch.stack(out.logits, 1)  # [2, 12, V]: the raw logits each sampled token was drawn from
+    new = out.sequences[:, enc.input_ids.shape[1]:]
+    turns = []
+    for i in range(2):
+        r = new[i].tolist()
+        r = r[:r.index(tok.eos_token_id) + 1] if tok.eos_token_id in r else r
+        turns.append(dict(prompt=enc.input_ids[i][enc.attention_mask[i].bool()].tolist(), response=r))
+    sampler_logp = {}
+    for T in (0.7, 1.0):
+        logp = torch.log_softmax(logits / T, -1)  # [2, 12, V]
+        sampler_logp[T] = logp.gather(-1, new[..., None])[..., 0]
+        hiper.score(hiper.Config(temperature=T, adv="grpo"), [turns], tok, policy, ref, critic)
+        for i, s in enumerate(turns):
+            torch.testing.assert_close(s["old_logp"], sampler_logp[T][i, :len(s["response"])], rtol=0, atol=1e-4)
+            torch.testing.assert_close(s["ref_logp"], s["old_logp"])  # the reference is the initial policy
+        with torch.no_grad():
+            ent = hiper.response_logprobs(policy, turns[:1], tok.pad_token_id, T, with_entropy=True)[1][0]
+        lp = logp[0, :len(turns[0]["response"])]
+        torch.testing.assert_close(ent, -(lp.exp() * lp).sum(-1), rtol=0, atol=1e-4)
+    assert (sampler_logp[0.7] - sampler_logp[1.0]).abs().max() > 0.1  # so the temperature matters here
 
 
 @pytest.mark.parametrize("sign", [1.0, -1.0])
@@ -459,6 +493,7 @@ def test_a_rows_sample_depends_on_its_seed_alone(tiny):
     (["--adv", "grpo", "--n_envs", "12", "--group_size", "8"], "--n_envs 12 divisible by --group_size 8"),
     (["--adv", "grpo", "--env", "webshop"], "--adv grpo needs training games"),
     (["--keep_mode", "sometimes"], "invalid choice: 'sometimes'"),
+    (["--temperature", "0"], "--temperature 0.0: training samples need a temperature above 0"),
     (["--env", "minecraft"], "--env minecraft: unknown environment 'minecraft'"),
     (["--env", "demo:Nope"], "--env demo:Nope: module 'demo' has no attribute 'Nope'"),
 ])
