@@ -36,8 +36,8 @@ from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
 import envs
 from hae import hae, normalize, segment_starts, self_bootstrap, term_advantage
-from plumbing import (FULL, awake, gather, init_distributed, load_checkpoint, save_checkpoint,
-                      shard, share, unsharded, vllm_engine, world)
+from plumbing import (FULL, awake, gather, init_distributed, load_checkpoint, metric_logger, progress,
+                      save_checkpoint, shard, share, unsharded, vllm_engine, world)
 
 
 @dataclasses.dataclass
@@ -93,10 +93,11 @@ class Config:
     resume: bool = False  # continue from <run_dir>/checkpoint (its settings must match, but for RESUMABLE ones)
     eval_only: bool = False  # validate the policy (--checkpoint, else --model) on every validation game and exit
     checkpoint: str = ""  # a policy to start from instead of --model (reference, critic: --model), or to evaluate
+    logger: str = ""  # also log metrics.jsonl's numbers to wandb | tensorboard (<run_dir>/tensorboard); empty: neither
 
 
 CHOICES = dict(adv=("hae", "gae", "grpo"), backend=("hf", "vllm"),
-               keep_mode=("fixed", "normalized"))
+               keep_mode=("fixed", "normalized"), logger=("", "wandb", "tensorboard"))
 AT_LEAST_1 = ("n_envs", "max_turns", "env_max_steps", "max_new_tokens", "minibatch", "microbatch", "ppo_epochs",
               "save_every", "eval_episodes", "group_size", "max_prompt")
 AT_LEAST_0 = ("iters", "history", "env_workers", "critic_epochs", "critic_warmup", "eval_every")
@@ -224,7 +225,7 @@ def rollout(cfg, policy, tok, pool, temperature, seeds, games=None, engine=None)
     policy.eval()
     # torchrun and HF generate: each rank generates alone, on full weights
     with awake(engine, policy) if engine else unsharded(policy), torch.no_grad():
-        for step in range(cfg.max_turns):
+        for step in progress(range(cfg.max_turns), "rollout turns", lambda: dict(active_envs=len(active))):
             if not active:
                 break
             prompts = [prompt_fn(state[i]["info"]["task"], state[i]["obs"], recent(state[i]["history"]), step,
@@ -492,7 +493,7 @@ def update(cfg, model, opt, samples, loss_fn, pad_id, rng, epochs):
     for _ in range(epochs):
         order = list(range(len(samples)))
         rng.shuffle(order)
-        for k in range(0, len(order), cfg.minibatch):
+        for k in progress(range(0, len(order), cfg.minibatch), loss_fn.__name__.replace("_loss", " steps")):
             mbatch = [samples[i] for i in order[k:k + cfg.minibatch]]
             mine = mbatch[rank::ws]
             n_micro = math.ceil(math.ceil(len(mbatch) / ws) / cfg.microbatch)  # the same count on every rank
@@ -580,6 +581,7 @@ def train(cfg, device):
     """Build or resume, then iterate: validate every k, rollout, score, advantages, critic and actor updates."""
     rank, ws = world()
     os.makedirs(cfg.run_dir, exist_ok=True)
+    scalars = metric_logger(cfg)  # --logger: W&B or TensorBoard beside metrics.jsonl
     ckpt, state = load_checkpoint(cfg) if cfg.resume else (None, None)  # before any model is loaded
     n_games = envs.env_class(cfg.env).n_games(cfg.data_dir, "train")  # None: the env draws its own
     tok, policy, ref, critic = load_models(cfg.checkpoint or (os.path.join(ckpt, "policy") if ckpt else cfg.model),
@@ -619,7 +621,7 @@ def train(cfg, device):
     try:
         for it in range(start, cfg.iters):
             if cfg.eval_every and it % cfg.eval_every == 0:  # before training and every k iterations (§9)
-                log(cfg, validate(cfg, policy, tok, it, engine))
+                log(cfg, validate(cfg, policy, tok, it, engine), scalars)
             t0 = time.time()
             # the trainer's own RNG picks the training games, so --resume replays the same stream
             groups = cfg.group_size if cfg.adv == "grpo" else 1  # grpo: each game played by a group of envs
@@ -650,7 +652,7 @@ def train(cfg, device):
                            rollout_s=t_roll, update_s=time.time() - t0 - t_roll,
                            tokens_per_s=sum(len(t["response"]) for t in turns) / t_roll,
                            env_steps_per_s=len(turns) / t_roll, peak_memory_gb=peak_memory_gb())
-            log(cfg, metrics)
+            log(cfg, metrics, scalars)
             if rank == 0:  # one console line per iteration
                 print(f"iter {it + 1}/{cfg.iters} | success {metrics['success']:.2f} | invalid "
                       f"{metrics['invalid_rate']:.2f} | kl {metrics['kl']:.4f} | ev_low "
@@ -658,16 +660,17 @@ def train(cfg, device):
             if (it + 1) % cfg.save_every == 0 or it + 1 == cfg.iters:
                 save_checkpoint(cfg, it + 1, tok, policy, critic, actor_opt, critic_opt, rng)
         if cfg.eval_every:  # the trained policy (`python report.py RUN_DIR`: table, plot and verdict)
-            log(cfg, validate(cfg, policy, tok, cfg.iters, engine))
+            log(cfg, validate(cfg, policy, tok, cfg.iters, engine), scalars)
     finally:
         pool.close()
 
 
-def log(cfg, line):
-    """Append a line to <run>/metrics.jsonl (rank 0 writes for all ranks)."""
+def log(cfg, line, scalars):
+    """Append a line to <run>/metrics.jsonl and hand it to `scalars`, the --logger (rank 0 writes for all ranks)."""
     if world()[0] == 0:
         with open(os.path.join(cfg.run_dir, "metrics.jsonl"), "a") as f:
             f.write(json.dumps(line) + "\n")
+        scalars(line)
 
 
 def peak_memory_gb():

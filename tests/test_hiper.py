@@ -1,8 +1,10 @@
 """hiper.py: reward shaping, token masks on a real chat template, PPO, resume."""
+import io
 import json
 import math
 import os
 import re
+import sys
 
 import pytest
 import torch
@@ -13,6 +15,7 @@ from torch.utils._pytree import tree_leaves
 import demo
 import envs
 import hiper
+import plumbing
 
 OK = "<switch>SWITCH</switch><subgoal>find a mug</subgoal><action>go to cabinet 1</action>"
 
@@ -515,6 +518,53 @@ def test_missing_data_and_a_resume_with_other_settings_fail_before_any_model(tmp
     torch.save(dict(config=__import__("dataclasses").asdict(saved)), run / "checkpoint" / "state.pt")
     with pytest.raises(SystemExit, match=r"--actor_lr 2e-06 \(saved: 1e-06\)"):
         hiper.main(["--model", "/no/such/model", "--actor_lr", "2e-6", "--run_dir", str(run), "--resume"])
+
+
+def terminal(monkeypatch, tty):
+    """sys.stderr replaced by a buffer that says whether it is a terminal; returns the buffer."""
+    err = io.StringIO()
+    err.isatty = lambda: tty
+    monkeypatch.setattr(sys, "stderr", err)
+    return err
+
+
+def test_progress_bars_show_only_on_a_terminal(monkeypatch):
+    for tty in (True, False):
+        err = terminal(monkeypatch, tty)
+        assert list(plumbing.progress(range(3), "rollout turns", lambda: dict(active_envs=5))) == [0, 1, 2]
+        shown = err.getvalue()
+        assert ("rollout turns" in shown and "0/3" in shown and "active_envs=5" in shown) if tty else shown == ""
+
+
+def test_a_run_on_a_terminal_shows_its_bars_and_logs_every_number_to_tensorboard(tmp_path, alf_data, monkeypatch):
+    """--logger tensorboard: every number of every metrics.jsonl line (the iteration and both validations) is a
+    scalar of the same name at its iteration or update count, read back with TensorBoard's event reader; on a
+    terminal, bars over the rollout's turns (with the active envs) and each update's steps."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    tiny, run = str(tmp_path / "tiny"), str(tmp_path / "run")
+    demo.build_tiny(tiny, demo.game_texts(alf_data), seed=6)
+    err = terminal(monkeypatch, True)
+    hiper.main(["--model", tiny, "--data_dir", alf_data, "--run_dir", run, "--n_envs", "2", "--max_turns", "2",
+                "--max_new_tokens", "16", "--iters", "1", "--eval_every", "1", "--env_workers", "1",
+                "--logger", "tensorboard"])
+    assert all(bar in err.getvalue() for bar in ("rollout turns", "active_envs=", "critic steps", "actor steps"))
+    lines = [json.loads(x) for x in open(os.path.join(run, "metrics.jsonl"))]
+    assert [x.get("iteration", x.get("updates")) for x in lines] == [0, 1, 1]
+    events = EventAccumulator(os.path.join(run, "tensorboard")).Reload()
+    logged = {(tag, e.step): e.value for tag in events.Tags()["scalars"] for e in events.Scalars(tag)}
+    numbers = {(k, x.get("iteration", x.get("updates"))): v for x in lines for k, v in x.items()
+               if isinstance(v, (int, float))}
+    assert {("success", 1), ("kl", 1), ("valid_seen/success", 0), ("valid_unseen/success_128", 1)} <= set(numbers)
+    assert logged == pytest.approx(numbers, rel=1e-6)  # fp32 in the event file
+    assert not any(tag.endswith("/wins") for tag, _ in logged)  # lists are not scalars
+
+
+@pytest.mark.parametrize("logger", ["wandb", "tensorboard"])
+def test_a_logger_without_its_package_stops_before_any_model(tmp_path, monkeypatch, logger):
+    for name in ("wandb", "tensorboard", "torch.utils.tensorboard"):
+        monkeypatch.setitem(sys.modules, name, None)  # import fails as if not installed
+    with pytest.raises(SystemExit, match=f"--logger {logger} needs the {logger} package.*pip install {logger}"):
+        hiper.main(["--model", "/no/such/model", "--logger", logger, "--run_dir", str(tmp_path)])
 
 
 @pytest.mark.parametrize("platform, maxrss", [("linux", 3 * 2 ** 20), ("darwin", 3 * 2 ** 30)])
