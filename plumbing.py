@@ -1,16 +1,19 @@
 """The plumbing of hiper.py that a reader of the method can skip: torchrun and FSDP2 (each a no-op in a single
-process), the vLLM engine and its in-memory weight sync (vLLM imported only with --backend vllm), and crash-safe
-checkpoints. None of it changes what is computed; hiper.py imports what it uses from here."""
+process), the vLLM engine and its in-memory weight sync (vLLM imported only with --backend vllm), crash-safe
+checkpoints, progress bars and the W&B or TensorBoard logger. None of it changes what is computed; hiper.py imports
+what it uses from here."""
 import contextlib
 import dataclasses
 import os
 import pickle
 import shutil
+import sys
 
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from tqdm import tqdm
 
 import envs
 
@@ -138,7 +141,8 @@ class WeightSync:
 # ---- checkpoints ----
 
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)  # consolidated: resumes on any world size
-RESUMABLE = ("iters", "resume", "save_every", "eval_every", "eval_episodes", "env_workers", "device")  # may change
+RESUMABLE = ("iters", "resume", "save_every", "eval_every", "eval_episodes", "env_workers", "device",
+             "logger")  # may change
 
 
 def save_checkpoint(cfg, it, tok, policy, critic, actor_opt, critic_opt, rng):
@@ -180,3 +184,43 @@ def load_checkpoint(cfg):
             raise SystemExit(f"--resume: {path} was saved with other settings: {', '.join(diff)}")
         return path, state
     return None, None
+
+
+# ---- progress bars and the W&B or TensorBoard logger ----
+
+def progress(items, desc, status=None):
+    """`items`, shown as a tqdm bar on rank 0 when stderr is a terminal (so never in CI logs or tests), `status()`
+    its postfix at each step."""
+    with tqdm(items, desc=desc, leave=False, disable=world()[0] > 0 or not sys.stderr.isatty()) as bar:
+        for item in bar:
+            if status:
+                bar.set_postfix(status())
+            yield item
+
+
+def metric_logger(cfg):
+    """--logger: a function that logs the numbers of a metrics.jsonl line (lists and None left out) at its iteration,
+    or a validation's update count, to Weights & Biases (project "hiper", files under <run_dir>/wandb) or TensorBoard
+    (<run_dir>/tensorboard). The package is imported only here; rank 0 logs, other ranks and no --logger: a no-op."""
+    try:
+        if cfg.logger == "wandb":
+            import wandb
+        elif cfg.logger == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+    except ImportError as e:
+        raise SystemExit(f"--logger {cfg.logger} needs the {cfg.logger} package ({e}): pip install {cfg.logger}")
+    if not cfg.logger or world()[0] > 0:
+        return lambda line: None
+    numbers = lambda line: {k: v for k, v in line.items() if type(v) in (int, float)}  # noqa: E731
+    step = lambda line: line.get("iteration", line.get("updates"))  # noqa: E731
+    if cfg.logger == "wandb":
+        wandb.init(project="hiper", name=os.path.basename(os.path.abspath(cfg.run_dir)), dir=cfg.run_dir,
+                   config=dataclasses.asdict(cfg))
+        return lambda line: wandb.log(numbers(line), step=step(line))
+    writer = SummaryWriter(os.path.join(cfg.run_dir, "tensorboard"))
+
+    def log(line):
+        for k, v in numbers(line).items():
+            writer.add_scalar(k, v, step(line))
+        writer.flush()
+    return log

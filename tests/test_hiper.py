@@ -1,15 +1,21 @@
 """hiper.py: reward shaping, token masks on a real chat template, PPO, resume."""
+import io
 import json
+import math
 import os
 import re
+import sys
 
 import pytest
 import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 import demo
 import envs
 import hiper
+import plumbing
 
 OK = "<switch>SWITCH</switch><subgoal>find a mug</subgoal><action>go to cabinet 1</action>"
 
@@ -96,6 +102,96 @@ def test_actor_loss_matches_hand_computation(tiny):
     s["old_logp"] = logp[0] - 1.0  # ratio e > 1 + ε: the clipped term binds for a positive advantage
     loss, stats = hiper.actor_loss(cfg, policy, [s], tok.pad_token_id, [s])
     assert stats[0].item() == pytest.approx(-0.7 * 1.2, rel=1e-5) and stats[3].item() == 1.0
+
+
+def full_vocab_logprobs(model, samples, pad_id, temperature=1.0):
+    """The slow reference: one fp32 log-softmax over the whole [N, R, V] (the trainer's computation before chunking),
+    at `temperature`: log-probs and entropy [N, R]."""
+    ids, attn, pos, P = hiper.pad_batch(samples, pad_id, model.device)
+    lm = model(ids, attention_mask=attn, position_ids=pos, logits_to_keep=ids.shape[1] - P + 1)
+    logp = torch.log_softmax(lm.logits[:, :-1].float() / temperature, -1)
+    return logp.gather(-1, ids[:, P:, None])[..., 0], -(logp.exp() * logp).sum(-1)
+
+
+class Allocations(TorchDispatchMode):
+    """The shape of every tensor an op allocates (an output that shares no storage with the op's inputs)."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        self.shapes += [(func.overloadpacket.__name__, tuple(o.shape)) for o in tree_leaves(out)
+                        if isinstance(o, torch.Tensor) and o.untyped_storage().data_ptr() not in inputs]
+        return out
+
+
+@pytest.mark.parametrize("chunk", [2, 4, 32])
+def test_chunked_logprobs_and_entropy_equal_the_full_vocabulary_computation(monkeypatch, chunk):
+    """Log-probs and entropy in chunks of `chunk` response positions (recomputed in the backward pass) equal one
+    log-softmax over the whole [N, R, V], value and gradient; and no tensor over the vocabulary of more than
+    N × chunk × V elements is allocated, forward or backward, but the logits and their gradient."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    torch.manual_seed(0)
+    V = 5000
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=V, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=1, initializer_range=0.3))
+    rows = [(5, 9), (3, 4), (7, 1)]  # prompt and response lengths: N = 3, R = 9
+    samples = [dict(prompt=torch.randint(1, V, (p,)).tolist(), response=torch.randint(1, V, (r,)).tolist())
+               for p, r in rows]
+    w = torch.randn(2, 3, 9)  # a loss weighing every entry, junk past a row's response included
+    monkeypatch.setattr(hiper, "LOGP_CHUNK", chunk)
+    for temperature in (1.0, 0.7):
+        grads = []
+        for fn in (full_vocab_logprobs, lambda *args: hiper.response_logprobs(*args, with_entropy=True)):
+            model.zero_grad()
+            with Allocations() as seen:
+                out = fn(model, samples, 0, temperature)
+                (w[0] * out[0] + w[1] * out[1]).sum().backward()
+            grads.append((torch.stack(out), [p.grad.clone() for p in model.parameters()]))
+        (ref, ref_g), (got, got_g) = grads
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+        for a, b in zip(got_g, ref_g):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+        big = [op for op, shape in seen.shapes if shape[-1:] == (V,) and math.prod(shape) > 3 * chunk * V]
+        assert big == (["mm", "cat"] if chunk < 9 else [])  # the logits; their gradient, from the chunks' gradients
+        assert sum(op == "_log_softmax" for op, _ in seen.shapes) == 2 * math.ceil(9 / chunk)  # forward, recomputed
+
+
+def test_old_and_reference_logprobs_are_those_of_the_sampling_distribution(tiny):
+    """As the official scripts: at a training temperature T, the old and reference log-probs (and the entropy) are
+    those of softmax(logits / T), the distribution the rollout sampled from, read from the logits HF generate saw at
+    each step; at T = 1, the untempered ones."""
+    _, (tok, policy, ref, critic) = tiny
+    enc = tok([hiper.chat(tok, p) for p in ("task: find a mug", "task: heat an egg")], return_tensors="pt",
+              padding=True)
+    with torch.no_grad():
+        out = policy.generate(**enc, do_sample=False, logits_processor=[hiper.gumbel_sampler([3, 4], 0.7, "cpu", [])],
+                              max_new_tokens=12, pad_token_id=tok.pad_token_id, output_logits=True,
+                              return_dict_in_generate=True)
+    logits = torch.stack(out.logits, 1)  # [2, 12, V]: the raw logits each sampled token was drawn from
+    new = out.sequences[:, enc.input_ids.shape[1]:]
+    turns = []
+    for i in range(2):
+        r = new[i].tolist()
+        r = r[:r.index(tok.eos_token_id) + 1] if tok.eos_token_id in r else r
+        turns.append(dict(prompt=enc.input_ids[i][enc.attention_mask[i].bool()].tolist(), response=r))
+    sampler_logp = {}
+    for T in (0.7, 1.0):
+        logp = torch.log_softmax(logits / T, -1)  # [2, 12, V]
+        sampler_logp[T] = logp.gather(-1, new[..., None])[..., 0]
+        turns = [dict(prompt=s["prompt"], response=s["response"]) for s in turns]  # scored afresh at each T
+        hiper.score(hiper.Config(temperature=T, adv="grpo"), [turns], tok, policy, ref, critic)
+        for i, s in enumerate(turns):
+            torch.testing.assert_close(s["old_logp"], sampler_logp[T][i, :len(s["response"])], rtol=0, atol=1e-4)
+            torch.testing.assert_close(s["ref_logp"], s["old_logp"])  # the reference is the initial policy
+        with torch.no_grad():
+            ent = hiper.response_logprobs(policy, turns[:1], tok.pad_token_id, T, with_entropy=True)[1][0]
+        lp = logp[0, :len(turns[0]["response"])]
+        torch.testing.assert_close(ent, -(lp.exp() * lp).sum(-1), rtol=0, atol=1e-4)
+    assert (sampler_logp[0.7] - sampler_logp[1.0]).abs().max() > 0.1  # so the temperature matters here
 
 
 @pytest.mark.parametrize("sign", [1.0, -1.0])
@@ -291,6 +387,22 @@ def test_a_non_finite_gradient_skips_the_step_and_is_counted(tiny):
     assert skipped == 0 and not all(torch.equal(w0[k], v) for k, v in policy.state_dict().items())
 
 
+def test_update_leaves_no_gradient_allocated(tiny):
+    """Gradients are freed after every step, taken or skipped (non-finite), so none stays allocated after `update`
+    through the next wake, scoring and the other model's update."""
+    path, _ = tiny
+    tok, policy, _, _ = hiper.load_models(path, path)
+    samples = [sample(tok, OK, 1.0), sample(tok, keep(), float("nan"))]
+    for s in samples:
+        with torch.no_grad():
+            s["old_logp"] = s["ref_logp"] = hiper.response_logprobs(policy, [s], tok.pad_token_id)[0]
+    opt = torch.optim.AdamW(policy.parameters(), lr=1e-3)
+    _, skipped = hiper.update(hiper.Config(minibatch=1), policy, opt, samples, hiper.actor_loss, tok.pad_token_id,
+                              __import__("random").Random(0), epochs=2)
+    assert skipped == 2 and opt.state  # 2 steps taken, 2 skipped
+    assert all(p.grad is None for p in policy.parameters())
+
+
 def small_run(tmp_path):
     """One generated training game, a tiny model on its text, and the arguments of a 3-env CPU run."""
     data, tiny = str(tmp_path / "alf"), str(tmp_path / "tiny")
@@ -383,8 +495,8 @@ def test_a_rows_sample_depends_on_its_seed_alone(tiny):
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_generation_gives_the_old_logprobs_a_forward_pass_gives(tiny, temperature):
     """PPO's old log-probs come from the sampling pass itself (HF): each drawn token's log-probability under
-    softmax(logits / T), equal to a separate fp32 forward pass over prompt + response (at T = 1, hiper's own
-    response_logprobs); greedy generation gives none."""
+    softmax(logits / T), equal to a separate fp32 forward pass over prompt + response and to hiper's own
+    response_logprobs at T; greedy generation gives none."""
     _, (tok, policy, _, _) = tiny
     prompts = ["task: find a mug", "task: heat an egg, then put it in the fridge", "task: look"]
     outs = hiper.generate(policy, tok, prompts, 16, temperature, seeds=[3, 4, 5])
@@ -393,12 +505,11 @@ def test_generation_gives_the_old_logprobs_a_forward_pass_gives(tiny, temperatur
     with torch.no_grad():
         logits = policy(ids, attention_mask=attn, position_ids=pos).logits[:, P - 1:-1] / temperature
         want = torch.log_softmax(logits, -1).gather(-1, ids[:, P:, None])[..., 0]
-        ours = hiper.response_logprobs(policy, samples, tok.pad_token_id)
+        ours = hiper.response_logprobs(policy, samples, tok.pad_token_id, temperature)
     for (_, r, logp), w, o in zip(outs, want, ours):
         assert len(logp) == len(r) > 1
         torch.testing.assert_close(logp, w[:len(r)], atol=1e-5, rtol=0)
-        if temperature == 1.0:
-            torch.testing.assert_close(logp, o[:len(r)], atol=1e-5, rtol=0)
+        torch.testing.assert_close(logp, o[:len(r)], atol=1e-5, rtol=0)
     assert all(logp is None for _, _, logp in hiper.generate(policy, tok, prompts, 8, 0.0))
 
 
@@ -427,6 +538,7 @@ def test_critic_values_read_only_up_to_the_last_value_position(tiny):
     (["--adv", "grpo", "--n_envs", "12", "--group_size", "8"], "--n_envs 12 divisible by --group_size 8"),
     (["--adv", "grpo", "--env", "webshop"], "--adv grpo needs training games"),
     (["--keep_mode", "sometimes"], "invalid choice: 'sometimes'"),
+    (["--temperature", "0"], "--temperature 0.0: training samples need a temperature above 0"),
     (["--env", "minecraft"], "--env minecraft: unknown environment 'minecraft'"),
     (["--env", "demo:Nope"], "--env demo:Nope: module 'demo' has no attribute 'Nope'"),
 ])
@@ -448,6 +560,53 @@ def test_missing_data_and_a_resume_with_other_settings_fail_before_any_model(tmp
     torch.save(dict(config=__import__("dataclasses").asdict(saved)), run / "checkpoint" / "state.pt")
     with pytest.raises(SystemExit, match=r"--actor_lr 2e-06 \(saved: 1e-06\)"):
         hiper.main(["--model", "/no/such/model", "--actor_lr", "2e-6", "--run_dir", str(run), "--resume"])
+
+
+def terminal(monkeypatch, tty):
+    """sys.stderr replaced by a buffer that says whether it is a terminal; returns the buffer."""
+    err = io.StringIO()
+    err.isatty = lambda: tty
+    monkeypatch.setattr(sys, "stderr", err)
+    return err
+
+
+def test_progress_bars_show_only_on_a_terminal(monkeypatch):
+    for tty in (True, False):
+        err = terminal(monkeypatch, tty)
+        assert list(plumbing.progress(range(3), "rollout turns", lambda: dict(active_envs=5))) == [0, 1, 2]
+        shown = err.getvalue()
+        assert ("rollout turns" in shown and "0/3" in shown and "active_envs=5" in shown) if tty else shown == ""
+
+
+def test_a_run_on_a_terminal_shows_its_bars_and_logs_every_number_to_tensorboard(tmp_path, alf_data, monkeypatch):
+    """--logger tensorboard: every number of every metrics.jsonl line (the iteration and both validations) is a
+    scalar of the same name at its iteration or update count, read back with TensorBoard's event reader; on a
+    terminal, bars over the rollout's turns (with the active envs) and each update's steps."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    tiny, run = str(tmp_path / "tiny"), str(tmp_path / "run")
+    demo.build_tiny(tiny, demo.game_texts(alf_data), seed=6)
+    err = terminal(monkeypatch, True)
+    hiper.main(["--model", tiny, "--data_dir", alf_data, "--run_dir", run, "--n_envs", "2", "--max_turns", "2",
+                "--max_new_tokens", "16", "--iters", "1", "--eval_every", "1", "--env_workers", "1",
+                "--logger", "tensorboard"])
+    assert all(bar in err.getvalue() for bar in ("rollout turns", "active_envs=", "critic steps", "actor steps"))
+    lines = [json.loads(x) for x in open(os.path.join(run, "metrics.jsonl"))]
+    assert [x.get("iteration", x.get("updates")) for x in lines] == [0, 1, 1]
+    events = EventAccumulator(os.path.join(run, "tensorboard")).Reload()
+    logged = {(tag, e.step): e.value for tag in events.Tags()["scalars"] for e in events.Scalars(tag)}
+    numbers = {(k, x.get("iteration", x.get("updates"))): v for x in lines for k, v in x.items()
+               if isinstance(v, (int, float))}
+    assert {("success", 1), ("kl", 1), ("valid_seen/success", 0), ("valid_unseen/success_128", 1)} <= set(numbers)
+    assert logged == pytest.approx(numbers, rel=1e-6)  # fp32 in the event file
+    assert not any(tag.endswith("/wins") for tag, _ in logged)  # lists are not scalars
+
+
+@pytest.mark.parametrize("logger", ["wandb", "tensorboard"])
+def test_a_logger_without_its_package_stops_before_any_model(tmp_path, monkeypatch, logger):
+    for name in ("wandb", "tensorboard", "torch.utils.tensorboard"):
+        monkeypatch.setitem(sys.modules, name, None)  # import fails as if not installed
+    with pytest.raises(SystemExit, match=f"--logger {logger} needs the {logger} package.*pip install {logger}"):
+        hiper.main(["--model", "/no/such/model", "--logger", logger, "--run_dir", str(tmp_path)])
 
 
 @pytest.mark.parametrize("platform, maxrss", [("linux", 3 * 2 ** 20), ("darwin", 3 * 2 ** 30)])
