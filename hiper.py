@@ -35,7 +35,7 @@ from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
 import envs
 from hae import hae, normalize, segment_starts, self_bootstrap, term_advantage
-from plumbing import (FULL, awake, gather, init_distributed, load_checkpoint, save_checkpoint,
+from plumbing import (FULL, awake, from_pretrained, gather, init_distributed, load_checkpoint, save_checkpoint,
                       shard, share, unsharded, vllm_engine, world)
 
 
@@ -141,12 +141,12 @@ def load_models(policy_path, init_path, device="cpu", grad_checkpointing=False, 
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForTokenClassification, AutoTokenizer
     torch.manual_seed(seed)
     tok = AutoTokenizer.from_pretrained(policy_path, padding_side="left")
-    policy = AutoModelForCausalLM.from_pretrained(policy_path, dtype=torch.float32).to(device)
+    policy = from_pretrained(AutoModelForCausalLM, policy_path, device, dtype=torch.float32)  # torchrun: rank 0 reads
     ref_dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-    ref = AutoModelForCausalLM.from_pretrained(init_path, dtype=ref_dtype).to(device).eval().requires_grad_(False)
+    ref = from_pretrained(AutoModelForCausalLM, init_path, device, dtype=ref_dtype).eval().requires_grad_(False)
     head = AutoConfig.from_pretrained(init_path, num_labels=3)
     head.classifier_dropout = 0.0
-    critic = AutoModelForTokenClassification.from_pretrained(init_path, config=head, dtype=torch.float32).to(device)
+    critic = from_pretrained(AutoModelForTokenClassification, init_path, device, config=head, dtype=torch.float32)
     for model in (policy, critic) if grad_checkpointing else ():
         model.gradient_checkpointing_enable()
     return tok, policy, ref, critic
@@ -568,9 +568,9 @@ def train(cfg, device):
     n_games = envs.env_class(cfg.env).n_games(cfg.data_dir, "train")  # None: the env draws its own
     tok, policy, ref, critic = load_models(cfg.checkpoint or (os.path.join(ckpt, "policy") if ckpt else cfg.model),
                                            cfg.model, device, cfg.grad_checkpointing, cfg.seed)
-    if ckpt:
+    if ckpt and rank == 0:  # torchrun: into rank 0's copy, which `shard` distributes
         critic.load_state_dict(state["critic"])
-    shard(policy, ref, critic)
+    shard(device, policy, ref, critic)
     engine = vllm_engine(cfg, cfg.model, device) if cfg.backend == "vllm" else None
     if cfg.eval_only:
         line = validate(cfg, policy, tok, 0, engine)

@@ -9,7 +9,8 @@ import shutil
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict)
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 import envs
@@ -33,15 +34,37 @@ def init_distributed(cfg):
     return device
 
 
-def shard(*models):
-    """FSDP2: every decoder layer, then the rest of each model, sharded over the ranks. On GPU the gathered
-    weights are bf16 and gradients reduce in fp32; the shards (the optimizer's master weights) stay fp32."""
+def from_pretrained(cls, path, device, **kwargs):
+    """`cls.from_pretrained(path, **kwargs)` on `device`. Under torchrun only rank 0 reads it, into host memory; the
+    other ranks build it on the meta device, and `shard` gives every rank its shards of rank 0's weights: no GPU
+    ever holds a whole model, and one host copy is made, not one per rank (7B in fp32: 30 GB each)."""
+    if world()[0] == 0:
+        model = cls.from_pretrained(path, **kwargs)
+        return model.to(device) if world()[1] == 1 else model
+    from transformers import AutoConfig
+    with torch.device("meta"):
+        return cls.from_config(kwargs.pop("config", None) or AutoConfig.from_pretrained(path), **kwargs)
+
+
+def shard(device, *models):
+    """FSDP2: every decoder layer, then the rest of each model, sharded over the ranks on `device`, the weights and
+    buffers (rotary tables) those of rank 0 (`from_pretrained`). On GPU the gathered weights are bf16 and gradients
+    reduce in fp32; the shards (the optimizer's master weights) stay fp32."""
     from transformers.modeling_layers import GradientCheckpointingLayer
-    for model in models if world()[1] > 1 else ():
-        bf16 = next(model.parameters()).device.type == "cuda"
+    rank, ws = world()
+    for model in models if ws > 1 else ():
+        full = model.state_dict() if rank == 0 else {}  # rank 0's CPU copy; the other ranks hold no weights
+        buffers = [b.detach() for b in model.buffers()]  # rank 0's; non-persistent ones are not in `full`
+        bf16 = torch.device(device).type == "cuda"
         mp = MixedPrecisionPolicy(torch.bfloat16 if bf16 else None, torch.float32 if bf16 else None)
         for part in [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)] + [model]:
             fully_shard(part, mp_policy=mp)
+        model.to_empty(device=device)  # every rank's shards allocated, uninitialised
+        set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        for b, b0 in zip(model.buffers(), buffers):
+            if rank == 0:
+                b.copy_(b0)
+            dist.broadcast(b, src=0)
 
 
 @contextlib.contextmanager
