@@ -35,8 +35,8 @@ from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
 import envs
 from hae import hae, normalize, segment_starts, self_bootstrap, term_advantage
-from plumbing import (FULL, awake, from_pretrained, gather, init_distributed, load_checkpoint, save_checkpoint,
-                      shard, share, unsharded, vllm_engine, world)
+from plumbing import (FULL, awake, close_distributed, from_pretrained, gather, init_distributed, load_checkpoint,
+                      save_checkpoint, shard, share, unsharded, vllm_engine, world)
 
 
 @dataclasses.dataclass
@@ -556,8 +556,7 @@ def main(argv=None):
     try:
         train(cfg, device)
     finally:
-        if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # the group init_distributed made (an in-process vLLM has its own)
-            dist.destroy_process_group()
+        close_distributed()
 
 
 def train(cfg, device):

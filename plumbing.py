@@ -3,15 +3,18 @@ process), the vLLM engine and its in-memory weight sync (vLLM imported only with
 checkpoints. None of it changes what is computed; hiper.py imports what it uses from here."""
 import contextlib
 import dataclasses
+import itertools
 import os
 import pickle
 import shutil
+import sys
 
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict)
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 
 import envs
 
@@ -32,6 +35,16 @@ def init_distributed(cfg):
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     return device
+
+
+def close_distributed():
+    """The process groups: an in-process vLLM engine's first (its teardown then destroys the default group, and at
+    exit finds nothing left to destroy), then the default one (torchrun's) if still there."""
+    if "vllm" in sys.modules:  # --backend vllm
+        from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+        cleanup_dist_env_and_memory()
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def from_pretrained(cls, path, device, **kwargs):
@@ -106,11 +119,12 @@ def vllm_engine(cfg, path, device):
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     from vllm import LLM
     cuda = device.startswith("cuda")
+    # torchrun: one engine per rank on its LOCAL_RANK's GPU, in the ranks' process group ("uni" would take GPU 0).
     # CPU: no chunked prefill, whose partial prefills rewind a seeded request's generator (CPU generators cannot)
     engine = LLM(path, dtype="bfloat16" if cuda else "float32", seed=cfg.seed, enable_sleep_mode=cuda,
                  max_model_len=cfg.max_prompt + cfg.max_new_tokens, gpu_memory_utilization=cfg.vllm_memory,
-                 distributed_executor_backend="uni", worker_extension_cls="plumbing.WeightSync",
-                 enable_chunked_prefill=cuda)
+                 distributed_executor_backend="external_launcher" if world()[1] > 1 else "uni",
+                 worker_extension_cls="plumbing.WeightSync", enable_chunked_prefill=cuda)
     if cuda:
         engine.sleep(level=1)  # level 1 keeps a CPU copy of every tensor: level 2 may lose buffers (rotary caches)
     return engine
@@ -124,8 +138,10 @@ def awake(engine, policy):
     if cuda:
         torch.cuda.empty_cache()  # the training step's cached blocks, for the engine
         engine.wake_up()
-    weights = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True))  # torchrun: gathered
-    engine.collective_rpc("load_policy", args=(list(weights.items()),))
+    # a module's weights at a time (torchrun: gathered from the shards; 7B's whole would take 30 GB of every GPU)
+    for _, part in itertools.groupby(get_model_state_dict(policy).items(), key=lambda kv: kv[0].rsplit(".", 2)[0]):
+        engine.collective_rpc("load_policy", args=([(k, w.full_tensor() if isinstance(w, DTensor) else w)
+                                                    for k, w in part],))
     engine.reset_prefix_cache()
     try:
         yield
@@ -145,6 +161,7 @@ class WeightSync:
         hf = dict(weights)
         for name, m in self.model_runner.model.named_modules():
             prefix, _, leaf = name.rpartition(".")
+            loaded = False
             for p in ("weight", "bias"):
                 src = [hf.get(f"{prefix}.{part}.{p}".lstrip(".")) for part in self.FUSED.get(leaf, (leaf,))]
                 if getattr(m, p, None) is None or any(x is None for x in src):
@@ -154,7 +171,8 @@ class WeightSync:
                     getattr(m, p).data[:len(new)].copy_(new)  # vLLM pads the vocabulary to a multiple of 64
                 else:  # CPU: emptied after packing
                     setattr(m, p, torch.nn.Parameter(new, requires_grad=False))
-            if hasattr(m, "cpu_linear"):
+                loaded = True
+            if loaded and hasattr(m, "cpu_linear"):
                 dispatch_cpu_unquantized_gemm(m, remove_weight=not isinstance(m, VocabParallelEmbedding))
 
 
