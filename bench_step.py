@@ -22,6 +22,7 @@ from transformers import AutoTokenizer
 import demo
 import envs
 import hiper
+import plumbing
 
 SHAPES = {  # Qwen2.5-Instruct configs (hidden, intermediate, layers, heads, kv heads, vocab); tiny: demo.build_tiny
     "tiny": None,
@@ -121,7 +122,8 @@ def main():
                        ("critic update (fwd+bwd+AdamW)", t_crit, train_tokens),
                        ("actor update (fwd+bwd+AdamW)", t_act, train_tokens)]:
         print(f"{name:<34} {t:>8.2f} {n / t:>10.0f}")
-    print(f"peak memory {hiper.peak_memory_gb():.1f} GiB ({'GPU allocated' if device.type == 'cuda' else 'CPU RSS'})")
+    print(f"peak memory {plumbing.memory_gb()['peak_memory_gb']:.1f} GiB "
+          f"({'allocated by torch' if device.type == 'cuda' else 'process RSS'}; no vLLM engine)")
 
 
 def engine_logprobs(engine, samples):

@@ -25,7 +25,6 @@ import math
 import os
 import random
 import re
-import sys
 import time
 
 import torch
@@ -36,7 +35,7 @@ from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 import envs
 from hae import hae, normalize, segment_starts, self_bootstrap, term_advantage
 from plumbing import (FULL, awake, close_distributed, from_pretrained, gather, init_distributed, load_checkpoint,
-                      save_checkpoint, shard, share, unsharded, vllm_engine, world)
+                      memory_gb, save_checkpoint, shard, share, unsharded, vllm_engine, world)
 
 
 @dataclasses.dataclass
@@ -632,7 +631,7 @@ def train(cfg, device):
                            clip_frac=a_stats[3].item(), skipped_steps_critic=c_skip, skipped_steps_actor=a_skip,
                            rollout_s=t_roll, update_s=time.time() - t0 - t_roll,
                            tokens_per_s=sum(len(t["response"]) for t in turns) / t_roll,
-                           env_steps_per_s=len(turns) / t_roll, peak_memory_gb=peak_memory_gb())
+                           env_steps_per_s=len(turns) / t_roll, **memory_gb(engine))
             log(cfg, metrics)
             if rank == 0:  # one console line per iteration
                 print(f"iter {it + 1}/{cfg.iters} | success {metrics['success']:.2f} | invalid "
@@ -651,15 +650,6 @@ def log(cfg, line):
     if world()[0] == 0:
         with open(os.path.join(cfg.run_dir, "metrics.jsonl"), "a") as f:
             f.write(json.dumps(line) + "\n")
-
-
-def peak_memory_gb():
-    """Peak GPU memory allocated, or the process's peak RSS on CPU, in GiB (ru_maxrss is in bytes on macOS, KiB
-    elsewhere)."""
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2 ** 30
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** (30 if sys.platform == "darwin" else 20)
 
 
 if __name__ == "__main__":

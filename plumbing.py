@@ -119,6 +119,7 @@ def vllm_engine(cfg, path, device):
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     from vllm import LLM
     cuda = device.startswith("cuda")
+    before = torch.cuda.memory_allocated() if cuda else 0
     # torchrun: one engine per rank on its LOCAL_RANK's GPU, in the ranks' process group ("uni" would take GPU 0).
     # CPU: no chunked prefill, whose partial prefills rewind a seeded request's generator (CPU generators cannot)
     engine = LLM(path, dtype="bfloat16" if cuda else "float32", seed=cfg.seed, enable_sleep_mode=cuda,
@@ -127,6 +128,8 @@ def vllm_engine(cfg, path, device):
                  worker_extension_cls="plumbing.WeightSync", enable_chunked_prefill=cuda)
     if cuda:
         engine.sleep(level=1)  # level 1 keeps a CPU copy of every tensor: level 2 may lose buffers (rotary caches)
+    # its weights and KV cache, which torch counts as allocated even while the engine sleeps (their pages unmapped)
+    engine.allocated = torch.cuda.memory_allocated() - before if cuda else 0
     return engine
 
 
@@ -148,6 +151,7 @@ def awake(engine, policy):
     finally:
         if cuda:
             engine.sleep(level=1)
+            torch.cuda.reset_peak_memory_stats()  # memory_gb: the trainer's peak leaves the engine's rollout out
 
 
 class WeightSync:
@@ -174,6 +178,19 @@ class WeightSync:
                 loaded = True
             if loaded and hasattr(m, "cpu_linear"):
                 dispatch_cpu_unquantized_gemm(m, remove_weight=not isinstance(m, VocabParallelEmbedding))
+
+
+def memory_gb(engine=None):
+    """Peak memory in GiB. GPU: the trainer's since the last call or the engine's last sleep (torch's peak
+    allocation less the engine's), and the engine's weights and KV cache apart; CPU: the process's peak RSS, an
+    engine's included (ru_maxrss is in bytes on macOS, KiB elsewhere)."""
+    if not torch.cuda.is_available():
+        import resource
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return dict(peak_memory_gb=rss / 2 ** (30 if sys.platform == "darwin" else 20))
+    peak = torch.cuda.max_memory_allocated() - (engine.allocated if engine else 0)
+    torch.cuda.reset_peak_memory_stats()
+    return dict(peak_memory_gb=peak / 2 ** 30, **{"engine_memory_gb": engine.allocated / 2 ** 30} if engine else {})
 
 
 # ---- checkpoints ----
