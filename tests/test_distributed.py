@@ -52,10 +52,11 @@ def worker(rank, ws, port, path, out):
     cfg = hiper.Config(device="cpu", microbatch=2, minibatch=7)
     hiper.init_distributed(cfg)
     tok, policy, ref, critic = hiper.load_models(path, path)
+    assert rank == 0 or all(p.is_meta for m in (policy, ref, critic) for p in m.parameters())  # only rank 0 reads
     torch.manual_seed(0)
     torch.nn.init.normal_(critic.score.weight, std=0.3)  # distinct heads, so value losses and advantages are not trivial
     init = [{k: v.clone() for k, v in m.state_dict().items()} for m in (policy, critic)]
-    hiper.shard(policy, ref, critic)
+    hiper.shard("cpu", policy, ref, critic)  # rank 0's weights, the perturbed head included, on every rank
     trajs = hiper.share(trajectories(tok))
     trajs = hiper.gather(hiper.score(cfg, hiper.annotate(cfg, trajs, tok), tok, policy, ref, critic))
     samples = hiper.advantages(cfg, trajs)

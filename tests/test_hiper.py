@@ -615,6 +615,20 @@ def test_peak_memory_reads_ru_maxrss_in_the_platforms_unit(monkeypatch, platform
     import resource
     import types
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(hiper.sys, "platform", platform)
+    monkeypatch.setattr(plumbing.sys, "platform", platform)
     monkeypatch.setattr(resource, "getrusage", lambda who: types.SimpleNamespace(ru_maxrss=maxrss))
-    assert hiper.peak_memory_gb() == pytest.approx(3.0)
+    assert plumbing.memory_gb() == dict(peak_memory_gb=pytest.approx(3.0))
+
+
+def test_gpu_peak_memory_is_the_trainers_since_the_last_call(monkeypatch):
+    """Torch counts a sleeping vLLM engine's weights and KV cache as allocated: the trainer's peak leaves them out,
+    and each call (one per iteration) starts a new window."""
+    import types
+    peak = [10 * 2 ** 30]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: peak[0])
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda: peak.__setitem__(0, 4 * 2 ** 30))
+    engine = types.SimpleNamespace(allocated=3 * 2 ** 30)
+    assert plumbing.memory_gb(engine) == dict(peak_memory_gb=7.0, engine_memory_gb=3.0)
+    assert plumbing.memory_gb(engine) == dict(peak_memory_gb=1.0, engine_memory_gb=3.0)
+    assert plumbing.memory_gb() == dict(peak_memory_gb=4.0)  # --backend hf: no engine
