@@ -219,14 +219,18 @@ def planner_env(split, data_dir, max_steps=50):
     return env
 
 
-def plan_execute_demos(data_dir, split="train", history=2, max_steps=50):
+def plan_execute_demos(data_dir, split="train", history=2, max_steps=50, dither=0.0, seed=0):
     """Warm-start data for the CPU demo: every game's walkthrough as plan-execute turns. The PDDL planner knows
     where objects are; where it heads for one to take or use, the walkthrough searches instead (`_search`), in
     the sorted order of the receptacles (a random order per game, which the policy cannot infer from one
     record of history, made a warm start that won 0.03 of its training episodes instead of 0.34).
-    Stages end at their first take/clean/heat/cool/use/move action; every turn of a stage carries its subgoal,
-    SWITCH on its first turn, KEEP after. Returns (prompt, response) pairs per game, prompts as a rollout's."""
+    A dithering demonstrator (`dither` > 0) first says `look`, which changes nothing, with that probability at
+    every turn: a flaw that wastes turns, for RL to remove (the ALFWorld counterpart of the ladder's demonstrator
+    that reads its light 40 % of the time). Stages end at their first take/clean/heat/cool/use/move action;
+    every turn of a stage carries its subgoal, SWITCH on its first turn, KEEP after. Returns (prompt, response)
+    pairs per game, prompts as a rollout's."""
     env = planner_env(split, data_dir, max_steps)
+    rng = random.Random(seed)
     demos = []
     for g in range(len(env.game_files)):
         obs, info = env.reset(g)
@@ -235,7 +239,9 @@ def plan_execute_demos(data_dir, split="train", history=2, max_steps=50):
         while not won and len(steps) < max_steps and env.state["policy_commands"]:
             action = env.state["policy_commands"][0]
             goal = next((a for a in env.state["policy_commands"] if a.split(" ")[0] not in ("go", "open")), "")
-            if action.startswith("go to ") and goal.split(" ")[0] in ("take", "use"):  # the planner's shortcut
+            if rng.random() < dither:
+                action = "look"
+            elif action.startswith("go to ") and goal.split(" ")[0] in ("take", "use"):  # the planner's shortcut
                 action = _search(info["admissible_actions"], here, order)
             here = action[6:] if action.startswith("go to ") else here
             steps.append((obs, info, action))
@@ -414,14 +420,15 @@ def warm_start(policy, tok, demos, epochs, lr, batch, seed, weight_decay=0.01, g
 
 # ---- the demo's preparation, end to end ----
 
-GAME_SETTINGS = ("train_games", "eval_games", "max_receptacles", "n_distractors")
+GAME_SETTINGS = ("sft_games", "train_games", "eval_games", "max_receptacles", "n_distractors")
 
 
 def games(a):
-    """The demo's games, once (their settings in <data_dir>/generated): small rooms (5 receptacles, no distractors),
-    20 per task type to train on and 5 per type in each held-out split; two processes, three task types each (each
-    type has its own seed, so the files are the same as one process writes). Games generated with other settings
-    stop the run: they are data, not a cache to overwrite."""
+    """The demo's games, once (their settings in <data_dir>/generated): small rooms (5 receptacles, no distractors).
+    The warm start's own games, <data_dir>/sft (60 per task type, seed 0), are never played by RL: RL trains on
+    <data_dir>'s train split (20 per type, seed 1) and validates on its held-out splits (5 per type each, seed 0).
+    Two processes, three task types each (each type has its own seed, so the files are the same as one process
+    writes). Games generated with other settings stop the run: they are data, not a cache to overwrite."""
     marker, want = os.path.join(a.data_dir, "generated"), {k: getattr(a, k) for k in GAME_SETTINGS}
     if os.path.exists(marker):
         with open(marker) as f:
@@ -430,11 +437,11 @@ def games(a):
             raise SystemExit(f"{a.data_dir} holds games generated with {have}, not {want}: remove it or pass "
                              "another --data_dir")
         return
+    sets = ((os.path.join(a.data_dir, "sft"), "train", a.sft_games, 0), (a.data_dir, "train", a.train_games, 1),
+            (a.data_dir, "valid_seen", a.eval_games, 0), (a.data_dir, "valid_unseen", a.eval_games, 0))
     with concurrent.futures.ProcessPoolExecutor(2) as pool:
-        jobs = [pool.submit(generate_alfworld_games, a.data_dir, n, 0, split, envs.ALFWORLD_TASK_TYPES[half::2],
-                            a.max_receptacles, a.n_distractors)
-                for half in (0, 1) for split, n in (("train", a.train_games), ("valid_seen", a.eval_games),
-                                                    ("valid_unseen", a.eval_games))]
+        jobs = [pool.submit(generate_alfworld_games, root, n, seed, split, envs.ALFWORLD_TASK_TYPES[half::2],
+                            a.max_receptacles, a.n_distractors) for half in (0, 1) for root, split, n, seed in sets]
         for job in jobs:
             job.result()  # a failed generation raises here, before the marker is written
     with open(marker, "w") as f:
@@ -447,15 +454,17 @@ def main(argv=None):
     p.add_argument("--data_dir", default="data/alfworld")
     p.add_argument("--run_dir", default="runs/demo", help="writes <run_dir>/tiny-init and <run_dir>/warm-start")
     p.add_argument("--games_only", action="store_true", help="generate the games and stop")
-    p.add_argument("--train_games", type=int, default=20, help="training games per task type")
+    p.add_argument("--sft_games", type=int, default=60, help="the warm start's games per task type (never RL's)")
+    p.add_argument("--train_games", type=int, default=20, help="RL's training games per task type")
     p.add_argument("--eval_games", type=int, default=5, help="games per task type in each held-out split")
     p.add_argument("--max_receptacles", type=int, default=5)
     p.add_argument("--n_distractors", type=int, default=0)
     p.add_argument("--history", type=int, default=1, help="as hiper.py's --history: the prompts of a rollout")
-    p.add_argument("--max_turns", type=int, default=20, help="as hiper.py's --max_turns")
     p.add_argument("--init_std", type=float, default=0.1, help="the tiny model's initial weights: N(0, init_std²)")
     p.add_argument("--episodes", type=int, default=300, help="ladder: demonstrated episodes")
     p.add_argument("--read_rate", type=float, default=0.5, help="ladder: how often the demonstrator reads its light")
+    p.add_argument("--dither", type=float, default=0.0,
+                   help="alfworld: how often the demonstrator says `look` (a wasted turn) before its next action")
     p.add_argument("--sft_epochs", type=int, default=8)
     p.add_argument("--sft_lr", type=float, default=1e-3, help="at the start, falling linearly to 0")
     p.add_argument("--sft_batch", type=int, default=8, help="turns per optimizer step")
@@ -477,11 +486,12 @@ def main(argv=None):
         print(f"{a.run_dir}: built with other settings ({path}); rebuilding its tiny model and warm start")
         for d in (tiny, warm):
             shutil.rmtree(d, ignore_errors=True)
+    sft_games = os.path.join(a.data_dir, "sft")
     demos = ladder_demos(a.env, a.episodes, a.read_rate, a.seed) if ladder else \
-        plan_execute_demos(a.data_dir, "train", a.history, a.max_turns)
+        plan_execute_demos(sft_games, "train", a.history, dither=a.dither, seed=a.seed)
     if not os.path.isdir(tiny):
         texts = [p + r for game in demos for p, r in game]
-        build_tiny(tiny, texts if ladder else game_texts(a.data_dir) + texts, a.seed, a.init_std)
+        build_tiny(tiny, texts if ladder else game_texts(sft_games) + texts, a.seed, a.init_std)
     from transformers import AutoModelForCausalLM, AutoTokenizer
     tok, policy = AutoTokenizer.from_pretrained(tiny), AutoModelForCausalLM.from_pretrained(tiny)
     warm_start(policy, tok, demos, a.sft_epochs, a.sft_lr, a.sft_batch, a.seed)

@@ -1,5 +1,6 @@
 """demo.py, the offline kit: generated games in the released layout, walkthrough stages and search, walkthroughs
 replayed on the real engine, and the supervised warm start."""
+import argparse
 import json
 import os
 
@@ -88,6 +89,25 @@ def test_plan_execute_demos_replay_and_follow_the_format(alf_data):
         assert info["won"] and parsed[-1][0].split()[0] in demo.STAGE_END
 
 
+def test_a_dithering_demonstrator_says_look_as_often_as_asked_and_otherwise_walks_the_same(alf_data):
+    """With `dither` q the demonstrator says `look` before an action with probability q at every turn, keeping its
+    subgoal: without its looks each walkthrough is the plain one (a look changes nothing in the game), every
+    response parses valid, a look that opens a stage is followed by KEEP, and the share of looks is near q."""
+    plain = demo.plan_execute_demos(alf_data, "train", history=1)
+    dithered = demo.plan_execute_demos(alf_data, "train", history=1, dither=0.5, seed=3)
+    actions = lambda pairs: [envs.parse_response(r)[0] for _, r in pairs]  # noqa: E731
+    looks = 0
+    for p, d in zip(plain, dithered):
+        assert [a for a in actions(d) if a != "look"] == actions(p) and "look" not in actions(p)
+        assert all(envs.parse_response(r)[1] for _, r in d)
+        for t, (action, (_, response)) in enumerate(zip(actions(d), d)):
+            if action == "look" and t:
+                assert "<switch>KEEP</switch>" in response or d[t + 1][1].startswith("<switch>KEEP")
+        looks += actions(d).count("look")
+    turns = sum(len(d) for d in dithered)
+    assert 0.35 < looks / turns < 0.65
+
+
 def test_warm_start_imitates_the_demonstrations(tmp_path):
     """Supervised warm start on two plan-execute turns: greedy generation then reproduces each response."""
     demos = [[("Task: find a mug. Actions: ['go to cabinet 1', 'go to desk 1']",
@@ -143,6 +163,22 @@ def test_a_kit_built_with_other_settings_is_rebuilt_and_other_games_stop_the_run
     (data / "generated").write_text(json.dumps(dict(train_games=3, eval_games=1, max_receptacles=5, n_distractors=0)))
     with pytest.raises(SystemExit, match="generated with"):
         demo.main(["--data_dir", str(data), "--games_only"])
+
+
+def test_the_warm_starts_games_are_not_rls(tmp_path):
+    """demo.py's games: the warm start's own (<data_dir>/sft) and RL's training games are different games, the
+    held-out splits are the ones seed 0 always draws, and every game is in ALFWorld's released layout."""
+    data = str(tmp_path / "games")
+    a = argparse.Namespace(data_dir=data, sft_games=1, train_games=1, eval_games=1, max_receptacles=5, n_distractors=0)
+    demo.games(a)
+    sft = envs.alfworld_game_files(os.path.join(data, "sft"), "train")
+    train = envs.alfworld_game_files(data, "train")
+    problems = lambda files: {json.load(open(f))["pddl_problem"] for f in files}  # noqa: E731
+    assert len(sft) == len(train) == 6 and not problems(sft) & problems(train)
+    again = str(tmp_path / "again")
+    for split in ("valid_seen", "valid_unseen"):
+        demo.generate_alfworld_games(again, 1, 0, split, max_receptacles=5, n_distractors=0)
+        assert problems(envs.alfworld_game_files(data, split)) == problems(envs.alfworld_game_files(again, split))
 
 
 def test_ladder_tasks_follow_their_rules():
