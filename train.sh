@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Presets for hiper.py. Extra arguments pass through to hiper.py (--name value overrides any field).
-#   bash train.sh            offline CPU demo (~30 min): demo.py generates ALFWorld games, builds a tiny model and its
+#   bash train.sh            offline CPU demo (~25 min): demo.py generates ALFWorld games, builds a tiny model and its
 #                            supervised warm start on walkthroughs of games of its own, whose demonstrator wastes turns;
 #                            hiper.py trains it on other games; prints the paired verdict on 60 held-out games, runs/demo/
 #   bash train.sh ladder T   CPU, a few minutes: one rung of the ladder of controlled tasks (T = fixed | read | stages),
@@ -51,7 +51,7 @@ ladder_kit() {  # the warm start of rung $1
 LADDER=(--n_envs 64 --history 1 --max_new_tokens 40 --iters 11 --eval_every 0 --save_every 100 "${CPU[@]}")
 
 case "$preset" in
-  demo)  # ~30 min on 2 cores: the kit (~20), then 8 iterations of 32 episodes (the first critic-only), validated before
+  demo)  # ~25 min on 2 cores: the kit (~16), then 8 iterations of 32 episodes (the first critic-only), validated before
     run=${RUN:-runs/demo}  # and after (past 8 iterations the step collapsed the policy: results/README.md)
     python demo.py "${KIT[@]}" --run_dir "$run"
     python hiper.py "${RL[@]}" --n_envs 32 --iters 8 --eval_every 8 --model "$run/warm-start" --run_dir "$run" "$@"
