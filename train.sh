@@ -2,7 +2,7 @@
 # Presets for hiper.py. Extra arguments pass through to hiper.py (--name value overrides any field).
 #   bash train.sh            offline CPU demo (~25 min): demo.py generates ALFWorld games, builds a tiny model and its
 #                            supervised warm start on walkthroughs of games of its own, whose demonstrator wastes turns;
-#                            hiper.py trains it on other games; prints the paired verdict on 60 held-out games, runs/demo/
+#                            hiper.py trains it on other games; the paired verdict on 60 held-out games; runs/demo/
 #   bash train.sh ladder T   CPU, a few minutes: one rung of the ladder of controlled tasks (T = fixed | read | stages),
 #                            its warm start then 11 iterations; runs/ladder-T/
 #   bash train.sh ladder-compare   CPU: HiPER vs flat GAE vs GRPO on the stages rung, 5 seeds → results/ladder_*
