@@ -6,8 +6,10 @@ checkpoint on a GPU.
     python hiper.py --model runs/demo/warm-start --data_dir data/alfworld --run_dir runs/demo ...
 
 1. ALFWorld games in the released layout, generated from files inside the alfworld wheel
-   (`generate_alfworld_games`); the real engine plays them.
-2. Plan-execute walkthroughs of the training games (`plan_execute_demos`).
+   (`generate_alfworld_games`); the real engine plays them. The warm start's own games (<data_dir>/sft) are
+   not RL's training games (`games`).
+2. Plan-execute walkthroughs of the warm start's games (`plan_execute_demos`), optionally by a demonstrator that
+   wastes turns (`--dither`): a flaw for RL to remove.
 3. A tiny Qwen2 and a byte-level BPE tokenizer with a ChatML template, trained on the games' text (`build_tiny`).
 4. A supervised warm start on the walkthroughs (`warm_start`), saved to <run_dir>/warm-start.
 """
