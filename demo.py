@@ -336,6 +336,12 @@ class Stages(Fixed):
     lights, named, max_steps = 3, True, 6
 
 
+class Long(Stages):
+    """Rung d: rung c made long, eight lights in 14 steps: eight segments, one terminal reward, the credit of each
+    press delayed by up to 13 turns (the horizon HAE is for, METHOD.md §5)."""
+    lights, max_steps = 8, 14
+
+
 def ladder_demos(env_name, episodes, read_rate, seed=0):
     """Warm-start data for a ladder task: `episodes` episodes of a demonstrator whose subgoal names the current
     light (SWITCH when one goes off, KEEP while retrying) and who presses the named button with probability
@@ -425,6 +431,11 @@ def warm_start(policy, tok, demos, epochs, lr, batch, seed, weight_decay=0.01, g
 GAME_SETTINGS = ("sft_games", "train_games", "eval_games", "max_receptacles", "n_distractors")
 
 
+def sft_dir(data_dir):
+    """The warm start's own games: <data_dir>/sft."""
+    return os.path.join(data_dir, "sft")
+
+
 def games(a):
     """The demo's games, once (their settings in <data_dir>/generated): small rooms (5 receptacles, no distractors).
     The warm start's own games, <data_dir>/sft (60 per task type, seed 0), are never played by RL: RL trains on
@@ -439,7 +450,7 @@ def games(a):
             raise SystemExit(f"{a.data_dir} holds games generated with {have}, not {want}: remove it or pass "
                              "another --data_dir")
         return
-    sets = ((os.path.join(a.data_dir, "sft"), "train", a.sft_games, 0), (a.data_dir, "train", a.train_games, 1),
+    sets = ((sft_dir(a.data_dir), "train", a.sft_games, 0), (a.data_dir, "train", a.train_games, 1),
             (a.data_dir, "valid_seen", a.eval_games, 0), (a.data_dir, "valid_unseen", a.eval_games, 0))
     with concurrent.futures.ProcessPoolExecutor(2) as pool:
         jobs = [pool.submit(generate_alfworld_games, root, n, seed, split, envs.ALFWORLD_TASK_TYPES[half::2],
@@ -488,7 +499,7 @@ def main(argv=None):
         print(f"{a.run_dir}: built with other settings ({path}); rebuilding its tiny model and warm start")
         for d in (tiny, warm):
             shutil.rmtree(d, ignore_errors=True)
-    sft_games = os.path.join(a.data_dir, "sft")
+    sft_games = sft_dir(a.data_dir)
     demos = ladder_demos(a.env, a.episodes, a.read_rate, a.seed) if ladder else \
         plan_execute_demos(sft_games, "train", a.history, dither=a.dither, seed=a.seed)
     if not os.path.isdir(tiny):

@@ -96,6 +96,7 @@ class Config:
     eval_only: bool = False  # validate the policy (--checkpoint, else --model) on every validation game and exit
     checkpoint: str = ""  # a policy to start from instead of --model (reference, critic: --model), or to evaluate
     logger: str = ""  # also log metrics.jsonl's numbers to wandb | tensorboard (<run_dir>/tensorboard); empty: neither
+    pg_variance: bool = False  # diagnostic, one process: log the PG estimate's variance under HAE and flat GAE (§12)
 
 
 CHOICES = dict(adv=("hae", "gae", "grpo"), backend=("hf", "vllm"),
@@ -131,6 +132,8 @@ def parse_config(argv=None):
                 f"divisible by --group_size {cfg.group_size}")
     if cfg.temperature <= 0:  # the training log-probs are those of softmax(logits / T) (§9)
         p.error(f"--temperature {cfg.temperature}: training samples need a temperature above 0")
+    if cfg.pg_variance and (cfg.adv == "grpo" or os.environ.get("WORLD_SIZE", "1") != "1"):
+        p.error("--pg_variance needs the critic's values (not --adv grpo) and one process (not torchrun)")
     cfg.critic_epochs = cfg.critic_epochs or cfg.ppo_epochs  # derived once, here
     return cfg
 
@@ -503,6 +506,11 @@ def actor_loss(cfg, policy, mb, pad_id, mbatch):
     return loss, stats.detach()
 
 
+def length(turn):
+    """A turn's tokens, prompt and response: batches sorted by it pad less."""
+    return len(turn["prompt"]) + len(turn["response"])
+
+
 def update(cfg, model, opt, samples, loss_fn, pad_id, rng, epochs):
     """`epochs` passes in minibatches of `cfg.minibatch` turns (micro-batches accumulated, one clipped step each);
     returns the mean loss statistics and the steps skipped for a non-finite gradient norm. Under torchrun every
@@ -515,10 +523,11 @@ def update(cfg, model, opt, samples, loss_fn, pad_id, rng, epochs):
         rng.shuffle(order)
         for k in progress(range(0, len(order), cfg.minibatch), loss_fn.__name__.replace("_loss", " steps")):
             mbatch = [samples[i] for i in order[k:k + cfg.minibatch]]
-            mine = mbatch[rank::ws]
+            mine = sorted(mbatch[rank::ws], key=length)  # micro-batches of like lengths pad less
             n_micro = math.ceil(math.ceil(len(mbatch) / ws) / cfg.microbatch)  # the same count on every rank
+            size = math.ceil(len(mine) / n_micro)
             for j in range(n_micro):
-                micro = mine[j::n_micro]
+                micro = mine[j * size:(j + 1) * size]
                 loss, st = loss_fn(cfg, model, micro or mbatch[:1], pad_id, mbatch)
                 # losses are sums over the minibatch's normaliser: ×ws undoes FSDP's gradient mean over ranks;
                 # a rank left without a share still runs the pass (its collectives), with weight 0
@@ -533,6 +542,27 @@ def update(cfg, model, opt, samples, loss_fn, pad_id, rng, epochs):
     if ws > 1:  # each rank holds its share of every minibatch's statistics
         dist.all_reduce(total := total.to(next(model.parameters()).device))
     return total / (epochs * math.ceil(len(samples) / cfg.minibatch)), skipped
+
+
+def pg_variance(cfg, policy, trajs, pad_id):
+    """--pg_variance (§12): on one batch's rollouts and critic, the gradient g_k of the PG loss at the rollout policy,
+    −A·log π token-mean, on each full minibatch k of one random order, once with HAE's advantages and once with flat
+    GAE's. Per estimator: the variance Σ_k ‖g_k − ḡ‖² / K of a minibatch's estimate and the squared mean ‖ḡ‖²."""
+    order, out = random.Random(cfg.seed).sample(range(sum(map(len, trajs))), sum(map(len, trajs))), {}
+    params = [p for p in policy.parameters() if p.requires_grad]
+    for adv in ("hae", "gae"):  # on copies of the turns: advantages() writes its fields into them
+        samples, grads = advantages(dataclasses.replace(cfg, adv=adv), [[dict(s) for s in tr] for tr in trajs]), []
+        for k in range(0, len(order) - cfg.minibatch + 1, cfg.minibatch):
+            mb = [samples[i] for i in order[k:k + cfg.minibatch]]
+            logp = response_logprobs(policy, mb, pad_id, cfg.temperature)
+            a, m = (torch.stack([F.pad(s[key].float(), (0, logp.shape[1] - len(s[key]))) for s in mb]).to(logp.device)
+                    for key in ("adv", "loss_mask"))
+            g = torch.autograd.grad(-(a * logp * m).sum() / m.sum().clamp(min=1), params)
+            grads.append(torch.cat([x.flatten().float().cpu() for x in g]))
+        g = torch.stack(grads)
+        out[f"pg_var_{adv}"], out[f"pg_mean_sq_{adv}"] = (g - g.mean(0)).pow(2).sum(1).mean().item(), \
+            g.mean(0).pow(2).sum().item()
+    return out
 
 
 def explained_variance(samples):
@@ -652,6 +682,7 @@ def train(cfg, device):
             # torchrun: each rank scores its own turns, then every rank holds the whole batch and its advantages
             trajs = gather(score(cfg, annotate(cfg, trajs, tok), tok, policy, ref, critic))
             samples = grpo_advantages(cfg, trajs) if cfg.adv == "grpo" else advantages(cfg, trajs)
+            diag = pg_variance(cfg, policy, trajs, tok.pad_token_id) if cfg.pg_variance else {}  # before the updates
             critic_on, actor_on = cfg.adv != "grpo", it >= cfg.critic_warmup  # grpo: no critic
             c_stats, c_skip = update(cfg, critic, critic_opt, samples, critic_loss, tok.pad_token_id, rng,
                                      cfg.critic_epochs) if critic_on else (nan, 0)
@@ -670,7 +701,7 @@ def train(cfg, device):
                            clip_frac=a_stats[3].item(), skipped_steps_critic=c_skip, skipped_steps_actor=a_skip,
                            rollout_s=t_roll, update_s=time.time() - t0 - t_roll,
                            tokens_per_s=sum(len(t["response"]) for t in turns) / t_roll,
-                           env_steps_per_s=len(turns) / t_roll, **memory_gb(engine))
+                           env_steps_per_s=len(turns) / t_roll, **memory_gb(engine), **diag)
             log(cfg, metrics, scalars)
             if rank == 0:  # one console line per iteration
                 print(f"iter {it + 1}/{cfg.iters} | success {metrics['success']:.2f} | invalid "

@@ -4,6 +4,8 @@
                                                     # (runs/demo/verdict.json) and runs/demo/curve.png
     python report.py --compare runs/compare results # HiPER vs flat PPO-GAE vs GRPO: results/compare.csv, compare.png
     python report.py --ladder runs/ladder-compare results  # the same on the ladder: results/ladder_compare.csv, .png
+    python report.py --ladder runs/ladder-long results long  # the long rung: results/ladder_long.csv, .png
+    python report.py --variance results runs/ladder-compare runs/ladder-long  # --pg_variance runs: variance.csv, .png
 
 The verdict: held-out success pooled over the validation splits, every game played the same number of times
 before and after training from the same sampling seed, so the change is paired per game; its 95 % interval is
@@ -181,37 +183,46 @@ def diff_ci(x, y):
     return float(x.mean() - y.mean()), float(ci.low), float(ci.high)
 
 
-def ladder(root, out, target=0.8):
-    """The ladder comparison (`bash train.sh ladder-compare`): <out>/ladder_compare.csv, one row per run
-    METHOD-sSEED under root, and <out>/ladder_compare.png; prints the table and HiPER − flat GAE. Per run: training
-    success at the end (mean of the last two iterations), the first iteration whose training success reaches
+RUNGS = {  # rung: (output name, the last iterations whose training success is a run's endpoint, plot title)
+    "stages": ("ladder_compare", 2, "The ladder's stages task (3 lights in order, terminal reward), tiny model"),
+    "long": ("ladder_long", 3, "The long rung (8 lights in order in 14 steps, terminal reward), tiny model"),
+}
+
+
+def ladder(root, out, rung="stages", target=0.8):
+    """A ladder comparison (`bash train.sh ladder-compare` or `ladder-long`): <out>/<name>.csv, one row per run
+    METHOD-sSEED under root, and <out>/<name>.png; prints the table and HiPER − flat GAE. Per run: training
+    success at the end (mean of the rung's last iterations), the first iteration whose training success reaches
     `target` (iterations + 1 if none), held-out success before and after (the test instances, paired seeds) and
-    the critic's explained variance per head over the last half of the run."""
-    rows = []
+    the critic's explained variance per head over the last half of the run. HiPER − flat GAE after RL is also
+    paired per held-out instance and seed (the same instances and sampling seeds), its interval over seeds."""
+    name, last, title = RUNGS[rung]
+    rows, after = [], {}
     for run in sorted(glob.glob(os.path.join(root, "*-s*"))):
         if not os.path.exists(os.path.join(run, "done")):
             continue
         method, seed = os.path.basename(run).rsplit("-s", 1)
         evals, train = read_metrics(run)
         success = [x["success"] for x in train]
+        after[method, int(seed)] = np.array(per_game(evals[-1]))
         ev = lambda h: np.mean([x[f"explained_variance_{h}"] for x in train[len(train) // 2:]  # noqa: E731
                                 if x.get(f"explained_variance_{h}") is not None] or [np.nan])
-        rows.append(dict(method=method, seed=int(seed), final_success=np.mean(success[-2:]),
+        rows.append(dict(method=method, seed=int(seed), final_success=np.mean(success[-last:]),
                          iters_to_target=next((i + 1 for i, s in enumerate(success) if s >= target), len(train) + 1),
-                         heldout_before=np.mean(per_game(evals[0])), heldout_after=np.mean(per_game(evals[-1])),
+                         heldout_before=np.mean(per_game(evals[0])), heldout_after=np.mean(after[method, int(seed)]),
                          invalid_rate=np.mean([x["invalid_rate"] for x in train]),
                          switch_rate=np.mean([x["switch_rate"] for x in train]),
                          ev_low=ev("low"), ev_high=ev("high"), ev_term=ev("term")))
     os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "ladder_compare.csv"), "w", newline="") as f:
+    with open(os.path.join(out, f"{name}.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows([{k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()} for r in rows])
     by = {m: [r for r in rows if r["method"] == m] for m in METHODS if any(r["method"] == m for r in rows)}
     ci = lambda t: f"{t[0]:.2f} [{t[1]:.2f}, {t[2]:.2f}]"  # noqa: E731
     ev_mean = lambda xs: np.mean([x for x in xs if not np.isnan(x)] or [np.nan])  # noqa: E731  GRPO: no critic
-    print(f"| method | seeds | training success at the end | iterations to {target} | held-out before | after | "
-          "explained variance (low, high) |")
+    print(f"| method | seeds | training success, last {last} iterations | iterations to {target} | held-out before | "
+          "after | explained variance (low, high) |")
     print("|---|---:|---|---|---|---|---|")
     for m, rs in by.items():
         col = lambda k: [r[k] for r in rs]  # noqa: E731
@@ -219,10 +230,15 @@ def ladder(root, out, target=0.8):
               f"{ci(mean_ci(col('iters_to_target')))} | {ci(mean_ci(col('heldout_before')))} | "
               f"{ci(mean_ci(col('heldout_after')))} | {ev_mean(col('ev_low')):.2f}, {ev_mean(col('ev_high')):.2f} |")
     if {"hae", "gae"} <= set(by):
-        for key, name in (("final_success", "training success at the end"), ("iters_to_target", "iterations to "
-                                                                                                 f"{target}")):
+        for key, label in (("final_success", f"training success, last {last} iterations"),
+                           ("iters_to_target", f"iterations to {target}")):
             d = diff_ci([r[key] for r in by["hae"]], [r[key] for r in by["gae"]])
-            print(f"HiPER − flat GAE, {name}: {d[0]:+.3f}, 95 % CI [{d[1]:+.3f}, {d[2]:+.3f}] (bootstrap over seeds)")
+            print(f"HiPER − flat GAE, {label}: {d[0]:+.3f}, 95 % CI [{d[1]:+.3f}, {d[2]:+.3f}] (bootstrap over seeds)")
+        paired = [(after["hae", s] - after["gae", s]).mean() for s in sorted({s for _, s in after})
+                  if ("hae", s) in after and ("gae", s) in after]
+        d = mean_ci(paired)
+        print(f"HiPER − flat GAE, held-out success after RL, paired per instance and seed: {d[0]:+.3f}, 95 % CI "
+              f"[{d[1]:+.3f}, {d[2]:+.3f}] ({len(paired)} seeds, bootstrap over seeds)")
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
     for m, rs in by.items():
         curves = np.array([[x["success"] for x in read_metrics(os.path.join(root, f"{m}-s{r['seed']}"))[1]]
@@ -240,15 +256,59 @@ def ladder(root, out, target=0.8):
     axes[1].set(xticks=[0, 1], xticklabels=["warm start", "after RL"], ylim=(-0.02, 1.02),
                 title="held-out instances (mean over seeds, 95 % CI)")
     axes[0].legend()
-    fig.suptitle("The ladder's stages task (3 lights in order, terminal reward), tiny model", fontsize=9)
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(os.path.join(out, "ladder_compare.png"), dpi=120)
+    fig.savefig(os.path.join(out, f"{name}.png"), dpi=120)
+
+
+def variance(out, *roots):
+    """<out>/variance.csv and variance.png from every run under `roots` that logged --pg_variance: per iteration,
+    the policy gradient's variance under HAE and flat GAE on the same batch and critic, their ratio, and the
+    critic's explained variance per head (METHOD.md §12)."""
+    rows = []
+    for root in roots:
+        for run in sorted(glob.glob(os.path.join(root, "*-s*"))):
+            method, seed = os.path.basename(run).rsplit("-s", 1)
+            rung = json.load(open(os.path.join(run, "config.json")))["env"].split(":")[-1].lower()
+            for x in read_metrics(run)[1]:
+                if "pg_var_hae" in x:
+                    rows.append(dict(rung=rung, method=method, seed=int(seed),
+                                     iteration=x["iteration"], success=x["success"],
+                                     **{f"ev_{h}": x[f"explained_variance_{h}"] for h in ("low", "high", "term")},
+                                     **{k: x[k] for k in ("pg_var_hae", "pg_var_gae", "pg_mean_sq_hae",
+                                                          "pg_mean_sq_gae")}, ratio=x["pg_var_hae"] / x["pg_var_gae"]))
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "variance.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows([{k: round(v, 6) if isinstance(v, float) else v for k, v in r.items()} for r in rows])
+    print("| runs | iterations | variance ratio HAE / flat GAE: median [IQR] | iterations with ratio < 1 |")
+    print("|---|---:|---|---:|")
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5), sharey=True)
+    for key in sorted({(r["rung"], r["method"]) for r in rows}):
+        rs = [r for r in rows if (r["rung"], r["method"]) == key]
+        q = np.percentile([r["ratio"] for r in rs], [25, 50, 75])
+        print(f"| {key[0]}, {METHODS[key[1]]} | {len(rs)} | {q[1]:.2f} [{q[0]:.2f}, {q[2]:.2f}] | "
+              f"{sum(r['ratio'] < 1 for r in rs)} |")
+        for ax, head in zip(axes, ("high", "low")):
+            pts = [(r[f"ev_{head}"], r["ratio"]) for r in rs if r[f"ev_{head}"] is not None]
+            ax.scatter(*zip(*pts), s=12, alpha=0.6, label=f"{key[0]}, {METHODS[key[1]]}")
+    for ax, head in zip(axes, ("high", "low")):
+        ax.axhline(1, color="grey", lw=0.8)
+        ax.set(xlabel=f"explained variance of V_{head}", yscale="log")
+    axes[0].set(ylabel="Var(HAE) / Var(flat GAE)")
+    axes[0].legend(fontsize=8)
+    fig.suptitle("Policy-gradient variance across minibatches of one batch, the same rollouts and critic", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "variance.png"), dpi=120)
 
 
 if __name__ == "__main__":
     if sys.argv[1] == "--compare":
         compare(*sys.argv[2:4])
     elif sys.argv[1] == "--ladder":
-        ladder(*sys.argv[2:4])
+        ladder(*sys.argv[2:5])
+    elif sys.argv[1] == "--variance":
+        variance(*sys.argv[2:])
     else:
         report(sys.argv[1])

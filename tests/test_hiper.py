@@ -233,6 +233,28 @@ def test_two_iterations_then_resume_equals_uninterrupted(tmp_path):
     assert {"success", "invalid_rate", "switch_rate", "kl", "value_loss_high"} <= set(a[0])
 
 
+def test_micro_batches_of_like_lengths_give_the_minibatchs_gradient(tiny):
+    """update() splits each minibatch into micro-batches of like lengths: one SGD step (lr 1, so the move is the
+    clipped gradient) with micro-batches of 2 equals the step with the whole minibatch of 6 in one pass."""
+    import random
+    path, _ = tiny
+    moves = []
+    for micro in (6, 2):
+        tok, policy, _, _ = hiper.load_models(path, path)
+        init = [q.detach().clone() for q in policy.parameters()]
+        samples = [sample(tok, OK, a) for a in (0.5, -1.0, 2.0, 0.3, -0.7, 1.1)]
+        for k, s in enumerate(samples):
+            s["prompt"] = s["prompt"][:len(s["prompt"]) - 2 * k]  # six prompt lengths
+            with torch.no_grad():
+                s["old_logp"] = s["ref_logp"] = hiper.response_logprobs(policy, [s], tok.pad_token_id)[0] - 0.05 * k
+        hiper.update(hiper.Config(minibatch=6, microbatch=micro), policy, torch.optim.SGD(policy.parameters(), lr=1.0),
+                     samples, hiper.actor_loss, tok.pad_token_id, random.Random(0), 1)
+        moves.append(torch.cat([(q.detach() - q0).flatten() for q, q0 in zip(policy.parameters(), init)]))
+    assert moves[0].abs().max() > 1e-3
+    torch.testing.assert_close(moves[1], moves[0], rtol=1e-4, atol=1e-6)
+
+
+
 @pytest.mark.parametrize("adv", ["hae", "gae"])
 def test_token_advantages_follow_the_levels(tiny, adv):
     """HAE: subgoal tokens train only on boundary turns, each block with its own level; flat GAE: one
@@ -268,6 +290,41 @@ def test_token_advantages_follow_the_levels(tiny, adv):
     ref_out = hae(r, v[..., 0], v_high, boundary, done)
     ret = torch.stack([s["returns"] for s in samples])
     torch.testing.assert_close(ret[:, 0], ref_out.ret_low[0])
+
+
+def test_pg_variance_is_the_spread_of_the_ppo_minibatch_gradients_at_ratio_one(tiny):
+    """--pg_variance against a slow loop: per estimator, each full minibatch's gradient of the actor's PPO loss
+    (entropy and KL off) at ratio 1 through update()'s backward pass, then Σ_k ‖g_k − ḡ‖² / K and ‖ḡ‖²."""
+    import random
+    path, _ = tiny
+    tok, policy, ref, critic = hiper.load_models(path, path)
+    torch.manual_seed(1)
+    torch.nn.init.normal_(critic.score.weight)
+    p = tok.apply_chat_template([{"role": "user", "content": "task"}], add_generation_prompt=True)
+    p = list(p["input_ids"] if hasattr(p, "keys") else p)
+    texts = [OK, keep(), OK.replace("mug", "cup"), keep("find a cup") + "<|im_end|>"]
+    trajs = [[dict(prompt=p + [b], response=tok(x, add_special_tokens=False).input_ids, text=x, valid=True,
+                   won=b == 1 and i == 3, done=i == 3, boundary=i in (0, 2), task_type="t")
+              for i, x in enumerate(texts)] for b in range(3)]
+    cfg = hiper.Config(minibatch=5, microbatch=5, entropy_coef=0.0, kl_coef=0.0)
+    hiper.score(cfg, hiper.annotate(cfg, trajs, tok), tok, policy, ref, critic)
+    got = hiper.pg_variance(cfg, policy, trajs, tok.pad_token_id)
+    order = random.Random(cfg.seed).sample(range(12), 12)
+    for adv in ("hae", "gae"):
+        samples = hiper.advantages(hiper.Config(adv=adv), [[dict(s) for s in tr] for tr in trajs])
+        grads = []
+        for k in (0, 5):  # the two full minibatches of 5 out of 12 turns
+            mb = [dict(samples[i]) for i in order[k:k + 5]]
+            for s in mb:
+                s["old_logp"] = s["ref_logp"]  # the rollout policy is the reference here: ratio 1
+            policy.zero_grad()
+            hiper.actor_loss(cfg, policy, mb, tok.pad_token_id, mb)[0].backward()
+            grads.append(torch.cat([q.grad.flatten() for q in policy.parameters()]))
+        mean = (grads[0] + grads[1]) / 2
+        var = sum(((g - mean) ** 2).sum().item() for g in grads) / 2
+        assert got[f"pg_var_{adv}"] == pytest.approx(var, rel=1e-4) and var > 0
+        assert got[f"pg_mean_sq_{adv}"] == pytest.approx((mean ** 2).sum().item(), rel=1e-4)
+    assert got["pg_var_hae"] != pytest.approx(got["pg_var_gae"], rel=1e-3)
 
 
 def test_grpo_advantage_is_the_group_normalised_episode_return(tiny):
@@ -539,6 +596,7 @@ def test_critic_values_read_only_up_to_the_last_value_position(tiny):
     (["--adv", "grpo", "--env", "webshop"], "--adv grpo needs training games"),
     (["--keep_mode", "sometimes"], "invalid choice: 'sometimes'"),
     (["--temperature", "0"], "--temperature 0.0: training samples need a temperature above 0"),
+    (["--adv", "grpo", "--pg_variance"], "--pg_variance needs the critic's values (not --adv grpo)"),
     (["--env", "minecraft"], "--env minecraft: unknown environment 'minecraft'"),
     (["--env", "demo:Nope"], "--env demo:Nope: module 'demo' has no attribute 'Nope'"),
 ])

@@ -80,3 +80,33 @@ def test_ladder_comparison_by_hand(tmp_path):
     d, low, high = report.diff_ci([0.85, 0.6, 0.95], [0.5, 0.5, 0.7])
     assert d == pytest.approx(0.2333, abs=1e-3) and low <= d <= high
     assert (tmp_path / "out" / "ladder_compare.png").stat().st_size > 0
+
+
+def test_long_rung_pairs_held_out_instances_per_seed_and_variance_reads_the_diagnostic(tmp_path, capsys):
+    """The long rung: the endpoint is the mean of the last three iterations; HiPER − flat GAE after RL is, per
+    seed, the mean over held-out instances of the two methods' difference (seed 1: (1 − 0 + 0 − 0) / 2 = 0.5,
+    seed 2: (1 − 1 + 1 − 0) / 2 = 0.5). variance.csv has a row per iteration that logged --pg_variance."""
+    import csv
+    after = {("hae", 1): [[1], [0]], ("gae", 1): [[0], [0]], ("hae", 2): [[1], [1]], ("gae", 2): [[1], [0]]}
+    for (method, seed), wins in after.items():
+        run = tmp_path / "runs" / f"{method}-s{seed}"
+        run.mkdir(parents=True)
+        train = [dict(iteration=i + 1, success=s, invalid_rate=0.0, switch_rate=0.5, explained_variance_low=0.2 * i,
+                      explained_variance_high=0.1 * i, explained_variance_term=None) for i, s in
+                 enumerate([0.1, 0.2, 0.3, 0.7])]
+        if method == "hae":
+            for i, x in enumerate(train):
+                x.update(pg_var_hae=1.0 + i, pg_var_gae=4.0, pg_mean_sq_hae=0.5, pg_mean_sq_gae=0.25)
+        lines = [dict(updates=0, **{"test/wins": [[0], [0]]})] + train + [dict(updates=4, **{"test/wins": wins})]
+        (run / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+        (run / "done").write_text("")
+        (run / "config.json").write_text(json.dumps(dict(env="demo:Long")))
+    report.ladder(str(tmp_path / "runs"), str(tmp_path / "out"), "long")
+    rows = {(r["method"], r["seed"]): r for r in csv.DictReader(open(tmp_path / "out" / "ladder_long.csv"))}
+    assert float(rows[("hae", "1")]["final_success"]) == pytest.approx(0.4)
+    assert "paired per instance and seed: +0.500, 95 % CI [+0.500, +0.500] (2 seeds" in capsys.readouterr().out
+    report.variance(str(tmp_path / "out"), str(tmp_path / "runs"))
+    rows = list(csv.DictReader(open(tmp_path / "out" / "variance.csv")))
+    assert len(rows) == 8 and {(r["rung"], r["method"]) for r in rows} == {("long", "hae")}
+    assert [float(r["ratio"]) for r in rows if r["seed"] == "1"] == [0.25, 0.5, 0.75, 1.0]
+    assert (tmp_path / "out" / "variance.png").stat().st_size > 0
