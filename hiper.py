@@ -336,6 +336,11 @@ def annotate(cfg, trajs, tok):
 
 # ---- log-probs and values: no-grad passes over the batch (§7) ----
 
+def length(turn):
+    """A turn's tokens, prompt and response: batches sorted by it pad less."""
+    return len(turn["prompt"]) + len(turn["response"])
+
+
 def pad_batch(samples, pad_id, device):
     """Prompts left-padded to P and responses right-padded, so response token j of every row sits at P + j:
     ids, attention mask and position ids (numbered as HF generate numbers left-padded rows), and P."""
@@ -389,7 +394,7 @@ def critic_values(critic, samples, pad_id):
 def score(cfg, trajs, tok, policy, ref, critic):
     """Per turn, in place, from no-grad passes: the old and reference log-probs of the response, and (not for GRPO,
     which has no critic) the 3 values at their positions (§7)."""
-    turns = [turn for traj in trajs for turn in traj]
+    turns = sorted((turn for traj in trajs for turn in traj), key=length)  # micro-batches of like lengths pad less
     micro = lambda todo: [todo[k:k + cfg.microbatch] for k in range(0, len(todo), cfg.microbatch)]  # noqa: E731
     with torch.no_grad():
         for model, key in ((policy, "old_logp"), (ref, "ref_logp")):  # old log-probs: those generation did not give
@@ -504,11 +509,6 @@ def actor_loss(cfg, policy, mb, pad_id, mbatch):
     clipped = ((ratio - 1).abs() > cfg.clip_eps).float()
     stats = torch.stack([(pg * m).sum() / n, (kl * m).sum() / n, (ent * m).sum() / n, (clipped * m).sum() / n])
     return loss, stats.detach()
-
-
-def length(turn):
-    """A turn's tokens, prompt and response: batches sorted by it pad less."""
-    return len(turn["prompt"]) + len(turn["response"])
 
 
 def update(cfg, model, opt, samples, loss_fn, pad_id, rng, epochs):

@@ -267,7 +267,8 @@ def variance(out, *roots):
     critic's explained variance per head (METHOD.md §12)."""
     rows = []
     for root in roots:
-        for run in sorted(glob.glob(os.path.join(root, "*-s*"))):
+        for run in sorted(glob.glob(os.path.join(root, "*-s*", "done"))):
+            run = os.path.dirname(run)
             method, seed = os.path.basename(run).rsplit("-s", 1)
             rung = json.load(open(os.path.join(run, "config.json")))["env"].split(":")[-1].lower()
             for x in read_metrics(run)[1]:

@@ -101,6 +101,7 @@ def test_long_rung_pairs_held_out_instances_per_seed_and_variance_reads_the_diag
         (run / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
         (run / "done").write_text("")
         (run / "config.json").write_text(json.dumps(dict(env="demo:Long")))
+    (tmp_path / "runs" / "warm-start").mkdir()  # the rung's warm start beside its runs: not a run
     report.ladder(str(tmp_path / "runs"), str(tmp_path / "out"), "long")
     rows = {(r["method"], r["seed"]): r for r in csv.DictReader(open(tmp_path / "out" / "ladder_long.csv"))}
     assert float(rows[("hae", "1")]["final_success"]) == pytest.approx(0.4)
