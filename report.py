@@ -296,7 +296,7 @@ def variance(out, *roots):
             ax.scatter(*zip(*pts), s=12, alpha=0.6, label=f"{key[0]}, {METHODS[key[1]]}")
     for ax, head in zip(axes, ("high", "low")):
         ax.axhline(1, color="grey", lw=0.8)
-        ax.set(xlabel=f"explained variance of V_{head}", yscale="log")
+        ax.set(xlabel=f"explained variance of V_{head} (axis cut at −1)", yscale="log", xlim=(-1, 1))
     axes[0].set(ylabel="Var(HAE) / Var(flat GAE)")
     axes[0].legend(fontsize=8)
     fig.suptitle("Policy-gradient variance across minibatches of one batch, the same rollouts and critic", fontsize=9)

@@ -37,7 +37,7 @@ CPU=(--actor_lr 3e-4 --adam_eps 1e-2 --ppo_epochs 4 --minibatch 16 --microbatch 
 # hiper.py on the ALFWorld demo: 20-turn episodes, a time-out terminal as in the official runs, every held-out game
 # played twice; the CPU regime with one PPO epoch and one critic pass per batch at an actor learning rate of 1e-3
 # (4 epochs cost 6 rollouts an update), and the paper's KL coefficient (0.5 held the warm start's flaw in place);
-# micro-batches of 8 turns of like lengths pad less than one of 16 (the same gradient; 7 % less time, bench_step.py)
+# micro-batches of 8 turns of like lengths pad less than one of 16 (the same gradient; bench_update.py times both)
 RL=(--data_dir "$DATA" --history 1 --max_turns 20 --env_max_steps 20 --max_new_tokens 40 --save_every 5
     --eval_episodes 2 "${CPU[@]}" --actor_lr 1e-3 --ppo_epochs 1 --critic_epochs 1 --kl_coef 0.01 --microbatch 8)
 # the ladder (demo.py's Fixed, Read, Stages): a warm start that presses at random (fixed) or reads its light 40 % of

@@ -207,6 +207,21 @@ def test_ladder_tasks_follow_their_rules():
     assert train != test and len(set(test)) > 20 and demo.Stages.n_games(None, "test") == 64
 
 
+def test_the_long_rung_is_eight_stages_in_fourteen_steps():
+    """Rung d: eight named lights; reading every light wins in eight presses with one reward at the end; a
+    demonstrator that reads 40 % of the time wins about P(Bin(14, 0.55) ≥ 8) = 0.55 of its episodes."""
+    env = envs.make("demo:Long", seed=0)
+    obs, _ = env.reset(5)
+    assert "Light 1 of 8 is" in obs and env.max_steps == 14
+    rewards = [env.step(f"press {c}")[1] for c in list(env.colours)]
+    assert rewards == [0.0] * 7 + [1.0]
+    def won(ep):  # the episode ends early only when won; at step 14, won if that press was light 8's colour
+        prompt, response = ep[-1]
+        return len(ep) < 14 or any(f"Light 8 of 8 is {c}." in prompt and f"press {c}<" in response
+                                   for c in demo.COLOURS)
+    assert 0.45 < sum(map(won, demo.ladder_demos("demo:Long", 400, 0.4, seed=1))) / 400 < 0.65
+
+
 def test_ladder_demonstrations_read_as_often_as_asked():
     """A demonstrator that always reads wins every episode in one press per light, SWITCHing at each new light
     and never KEEPing; one that never reads presses at random and KEEPs while it retries a light."""
