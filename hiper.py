@@ -525,9 +525,8 @@ def update(cfg, model, opt, samples, loss_fn, pad_id, rng, epochs):
             mbatch = [samples[i] for i in order[k:k + cfg.minibatch]]
             mine = sorted(mbatch[rank::ws], key=length)  # micro-batches of like lengths pad less
             n_micro = math.ceil(math.ceil(len(mbatch) / ws) / cfg.microbatch)  # the same count on every rank
-            size = math.ceil(len(mine) / n_micro)
             for j in range(n_micro):
-                micro = mine[j * size:(j + 1) * size]
+                micro = mine[j * len(mine) // n_micro:(j + 1) * len(mine) // n_micro]
                 loss, st = loss_fn(cfg, model, micro or mbatch[:1], pad_id, mbatch)
                 # losses are sums over the minibatch's normaliser: ×ws undoes FSDP's gradient mean over ranks;
                 # a rank left without a share still runs the pass (its collectives), with weight 0
@@ -559,6 +558,8 @@ def pg_variance(cfg, policy, trajs, pad_id):
                     for key in ("adv", "loss_mask"))
             g = torch.autograd.grad(-(a * logp * m).sum() / m.sum().clamp(min=1), params)
             grads.append(torch.cat([x.flatten().float().cpu() for x in g]))
+        if len(grads) < 2:  # a spread needs two minibatches
+            return {}
         g = torch.stack(grads)
         out[f"pg_var_{adv}"], out[f"pg_mean_sq_{adv}"] = (g - g.mean(0)).pow(2).sum(1).mean().item(), \
             g.mean(0).pow(2).sum().item()

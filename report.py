@@ -5,7 +5,7 @@
     python report.py --compare runs/compare results # HiPER vs flat PPO-GAE vs GRPO: results/compare.csv, compare.png
     python report.py --ladder runs/ladder-compare results  # the same on the ladder: results/ladder_compare.csv, .png
     python report.py --ladder runs/ladder-long results long  # the long rung: results/ladder_long.csv, .png
-    python report.py --variance results runs/ladder-compare runs/ladder-long  # --pg_variance runs: variance.csv, .png
+    python report.py --variance results runs/ladder-variance runs/ladder-long  # --pg_variance runs: variance.csv
 
 The verdict: held-out success pooled over the validation splits, every game played the same number of times
 before and after training from the same sampling seed, so the change is paired per game; its 95 % interval is
@@ -270,7 +270,8 @@ def variance(out, *roots):
         for run in sorted(glob.glob(os.path.join(root, "*-s*", "done"))):
             run = os.path.dirname(run)
             method, seed = os.path.basename(run).rsplit("-s", 1)
-            rung = json.load(open(os.path.join(run, "config.json")))["env"].split(":")[-1].lower()
+            with open(os.path.join(run, "config.json")) as f:
+                rung = json.load(f)["env"].split(":")[-1].lower()
             for x in read_metrics(run)[1]:
                 if "pg_var_hae" in x:
                     rows.append(dict(rung=rung, method=method, seed=int(seed),
@@ -283,14 +284,16 @@ def variance(out, *roots):
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows([{k: round(v, 6) if isinstance(v, float) else v for k, v in r.items()} for r in rows])
-    print("| runs | iterations | variance ratio HAE / flat GAE: median [IQR] | iterations with ratio < 1 |")
-    print("|---|---:|---|---:|")
+    print("| runs | iterations | variance ratio HAE / flat GAE: median [IQR] | iterations with ratio < 1 | "
+          "V_high's explained variance: median (max) |")
+    print("|---|---:|---|---:|---|")
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.5), sharey=True)
     for key in sorted({(r["rung"], r["method"]) for r in rows}):
         rs = [r for r in rows if (r["rung"], r["method"]) == key]
         q = np.percentile([r["ratio"] for r in rs], [25, 50, 75])
+        ev_high = [r["ev_high"] for r in rs if r["ev_high"] is not None]
         print(f"| {key[0]}, {METHODS[key[1]]} | {len(rs)} | {q[1]:.2f} [{q[0]:.2f}, {q[2]:.2f}] | "
-              f"{sum(r['ratio'] < 1 for r in rs)} |")
+              f"{sum(r['ratio'] < 1 for r in rs)} | {np.median(ev_high):.2f} ({max(ev_high):.2f}) |")
         for ax, head in zip(axes, ("high", "low")):
             pts = [(r[f"ev_{head}"], r["ratio"]) for r in rs if r[f"ev_{head}"] is not None]
             ax.scatter(*zip(*pts), s=12, alpha=0.6, label=f"{key[0]}, {METHODS[key[1]]}")

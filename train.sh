@@ -40,8 +40,8 @@ CPU=(--actor_lr 3e-4 --adam_eps 1e-2 --ppo_epochs 4 --minibatch 16 --microbatch 
 # micro-batches of 8 turns of like lengths pad less than one of 16 (the same gradient; bench_update.py times both)
 RL=(--data_dir "$DATA" --history 1 --max_turns 20 --env_max_steps 20 --max_new_tokens 40 --save_every 5
     --eval_episodes 2 "${CPU[@]}" --actor_lr 1e-3 --ppo_epochs 1 --critic_epochs 1 --kl_coef 0.01 --microbatch 8)
-# the ladder (demo.py's Fixed, Read, Stages): a warm start that presses at random (fixed) or reads its light 40 % of
-# the time (read, stages), then 64 episodes per iteration, one history record, the task's own step limit
+# the ladder (demo.py's Fixed, Read, Stages, Long): a warm start that presses at random (fixed) or reads its light
+# 40 % of the time (read, stages, long), then 64 episodes per iteration, one history record, the task's own step limit
 ladder_kit() {  # the warm start of rung $1
   case $1 in
     fixed) echo --read_rate 0 --episodes 300 --sft_epochs 3 ;;
@@ -59,7 +59,7 @@ case "$preset" in
     python demo.py "${KIT[@]}" --run_dir "$run"
     python hiper.py "${RL[@]}" --n_envs 32 --iters 8 --eval_every 8 --model "$run/warm-start" --run_dir "$run" "$@"
     python report.py "$run" ;;
-  ladder)  # bash train.sh ladder fixed|read|stages [--adv hae|gae|grpo ...]: 2-4 min; training success per iteration
+  ladder)  # bash train.sh ladder fixed|read|stages|long [--adv hae|gae|grpo ...]: 2-4 min (long: ~100 s an iteration)
     task=${1:-}; kit=$(ladder_kit "$task"); shift
     root=${RUN:-runs/ladder-$task}; env=demo:${task^}
     steps=$(case $task in stages) echo 6 ;; long) echo 14 ;; *) echo 1 ;; esac)
@@ -79,6 +79,8 @@ case "$preset" in
     python report.py --ladder "$root" results ;;
   ladder-long)  # ~3.5 h on one core, resumable (SEEDS="6 7 8 9 10" runs a subset: two shells, two cores): the long
     root=${RUN:-runs/ladder-long}  # rung, HiPER and flat GAE at 10 seeds, GRPO at 5, one warm start; the demo's step
+    # shellcheck disable=SC2046  # ladder_kit's flags
+    python demo.py --env demo:Long $(ladder_kit long) --run_dir "$root"  # the warm start, before any run: built once
     for seed in ${SEEDS:-1 2 3 4 5 6 7 8 9 10}; do  # (1 PPO epoch, 1 critic pass, actor lr 1e-3, KL 0.01); HiPER's
       for adv in hae gae grpo; do  # seeds 1-5 also log the PG variance under HAE and flat GAE (--pg_variance)
         run=$root/$adv-s$seed; diag=$([ "$adv" = hae ] && [ "$seed" -le 5 ] && echo --pg_variance || true)

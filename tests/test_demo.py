@@ -215,6 +215,7 @@ def test_the_long_rung_is_eight_stages_in_fourteen_steps():
     assert "Light 1 of 8 is" in obs and env.max_steps == 14
     rewards = [env.step(f"press {c}")[1] for c in list(env.colours)]
     assert rewards == [0.0] * 7 + [1.0]
+
     def won(ep):  # the episode ends early only when won; at step 14, won if that press was light 8's colour
         prompt, response = ep[-1]
         return len(ep) < 14 or any(f"Light 8 of 8 is {c}." in prompt and f"press {c}<" in response

@@ -254,7 +254,6 @@ def test_micro_batches_of_like_lengths_give_the_minibatchs_gradient(tiny):
     torch.testing.assert_close(moves[1], moves[0], rtol=1e-4, atol=1e-6)
 
 
-
 @pytest.mark.parametrize("adv", ["hae", "gae"])
 def test_token_advantages_follow_the_levels(tiny, adv):
     """HAE: subgoal tokens train only on boundary turns, each block with its own level; flat GAE: one
@@ -308,7 +307,10 @@ def test_pg_variance_is_the_spread_of_the_ppo_minibatch_gradients_at_ratio_one(t
               for i, x in enumerate(texts)] for b in range(3)]
     cfg = hiper.Config(minibatch=5, microbatch=5, entropy_coef=0.0, kl_coef=0.0)
     hiper.score(cfg, hiper.annotate(cfg, trajs, tok), tok, policy, ref, critic)
+    fields = [sorted(s) for tr in trajs for s in tr]
     got = hiper.pg_variance(cfg, policy, trajs, tok.pad_token_id)
+    assert [sorted(s) for tr in trajs for s in tr] == fields  # the batch's own turns are left as they were
+    assert hiper.pg_variance(hiper.Config(minibatch=7), policy, trajs, tok.pad_token_id) == {}  # one minibatch
     order = random.Random(cfg.seed).sample(range(12), 12)
     for adv in ("hae", "gae"):
         samples = hiper.advantages(hiper.Config(adv=adv), [[dict(s) for s in tr] for tr in trajs])
