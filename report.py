@@ -88,6 +88,15 @@ def report(run):
     print(f"learning curve: {os.path.join(run, 'curve.png')}")
 
 
+def write_csv(path, rows, digits):
+    """rows (dicts with the same keys) to a CSV file at path, floats rounded to `digits`; its folder made if needed."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows([{k: round(v, digits) if isinstance(v, float) else v for k, v in r.items()} for r in rows])
+
+
 def finished(pattern):
     """Run folders that completed (train.sh writes curve.png with `report` once hiper.py is done)."""
     return sorted(r for r in glob.glob(pattern) if os.path.exists(os.path.join(r, "curve.png")))
@@ -126,11 +135,7 @@ def compare(root, out):
         d_hae, d_gae = (summary[m][1] - summary[m][0] for m in ("hae", "gae"))
         rows.append(dict(method="hae - gae", seed="per game", **dict(zip(("delta", "ci_low", "ci_high"),
                                                                           interval(d_gae, d_hae)))))
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "compare.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows([{k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()} for r in rows])
+    write_csv(os.path.join(out, "compare.csv"), rows, 4)
     print("| method | seeds | iterations | held-out before | after | change (points) | 95 % CI | train success, "
           "first → last third |")
     print("|---|---|---|---:|---:|---:|---|---|")
@@ -213,11 +218,7 @@ def ladder(root, out, rung="stages", target=0.8):
                          invalid_rate=np.mean([x["invalid_rate"] for x in train]),
                          switch_rate=np.mean([x["switch_rate"] for x in train]),
                          ev_low=ev("low"), ev_high=ev("high"), ev_term=ev("term")))
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, f"{name}.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows([{k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()} for r in rows])
+    write_csv(os.path.join(out, f"{name}.csv"), rows, 4)
     by = {m: [r for r in rows if r["method"] == m] for m in METHODS if any(r["method"] == m for r in rows)}
     ci = lambda t: f"{t[0]:.2f} [{t[1]:.2f}, {t[2]:.2f}]"  # noqa: E731
     ev_mean = lambda xs: np.mean([x for x in xs if not np.isnan(x)] or [np.nan])  # noqa: E731  GRPO: no critic
@@ -279,11 +280,7 @@ def variance(out, *roots):
                                      **{f"ev_{h}": x[f"explained_variance_{h}"] for h in ("low", "high", "term")},
                                      **{k: x[k] for k in ("pg_var_hae", "pg_var_gae", "pg_mean_sq_hae",
                                                           "pg_mean_sq_gae")}, ratio=x["pg_var_hae"] / x["pg_var_gae"]))
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "variance.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows([{k: round(v, 6) if isinstance(v, float) else v for k, v in r.items()} for r in rows])
+    write_csv(os.path.join(out, "variance.csv"), rows, 6)
     print("| runs | iterations | variance ratio HAE / flat GAE: median [IQR] | iterations with ratio < 1 | "
           "V_high's explained variance: median (max) |")
     print("|---|---:|---|---:|---|")
