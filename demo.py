@@ -282,7 +282,7 @@ class Fixed:
     trainer plays it through the same rollout, parser, rewards and updates. Game g is a seeded draw of the lights'
     colours; `eval_splits` hold other draws. Pressing the light's button switches it off and opens the next; a
     wrong press answers "Nothing happens."; won when the last light is off; done then or at `max_steps`."""
-    lights, named, max_steps = 1, False, 1
+    lights, named, max_steps, verb = 1, False, 1, "switch"
     prompt = staticmethod(envs.alfworld_prompt)
     eval_splits = ("test",)
     N_GAMES = dict(train=256, test=64)
@@ -294,7 +294,7 @@ class Fixed:
     def __init__(self, split="train", seed=0, data_dir=None, max_steps=None):
         self.split, self.max_steps = split, max_steps or self.max_steps
         self.rng, self.next_game = random.Random(seed), 0
-        self.task = f"switch off the {'lights in order' if self.lights > 1 else 'light'}, each with the right button"
+        self.task = f"{self.verb} off the {'lights in order' if self.lights > 1 else 'light'}, each with the right button"
 
     def reset(self, game=None):
         if game is None and self.split == "train":
@@ -342,6 +342,12 @@ class Long(Stages):
     lights, max_steps = 8, 14
 
 
+class Turn(Long):
+    """Rung e: rung d worded so that no subgoal token is a tag's: `turn off light k` (in rung d's `switch off light
+    k` the tiny tokenizer's `switch` is also the tag's, and HiPER's subgoal advantage broke the format: results/)."""
+    verb = "turn"
+
+
 def ladder_demos(env_name, episodes, read_rate, seed=0):
     """Warm-start data for a ladder task: `episodes` episodes of a demonstrator whose subgoal names the current
     light (SWITCH when one goes off, KEEP while retrying) and who presses the named button with probability
@@ -352,7 +358,7 @@ def ladder_demos(env_name, episodes, read_rate, seed=0):
         obs, info = env.reset()
         done, pairs, current, past = False, [], "None", []
         while not done:
-            subgoal = f"switch off light {env.lit + 1}"
+            subgoal = f"{env.verb} off light {env.lit + 1}"
             colour = env.colours[env.lit] if rng.random() < read_rate else rng.choice(COLOURS)
             switch = "KEEP" if subgoal == current else "SWITCH"
             pairs.append((env.prompt(info["task"], obs, past[-1:], len(pairs), current, info["admissible_actions"]),
@@ -463,7 +469,7 @@ def games(a):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--env", default="alfworld", help="alfworld, or a ladder task: demo:Fixed, demo:Read, demo:Stages")
+    p.add_argument("--env", default="alfworld", help="alfworld, or a ladder task: demo:Fixed, demo:Read, demo:Stages, demo:Long, demo:Turn")
     p.add_argument("--data_dir", default="data/alfworld")
     p.add_argument("--run_dir", default="runs/demo", help="writes <run_dir>/tiny-init and <run_dir>/warm-start")
     p.add_argument("--games_only", action="store_true", help="generate the games and stop")

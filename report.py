@@ -5,6 +5,7 @@
     python report.py --compare runs/compare results # HiPER vs flat PPO-GAE vs GRPO: results/compare.csv, compare.png
     python report.py --ladder runs/ladder-compare results  # the same on the ladder: results/ladder_compare.csv, .png
     python report.py --ladder runs/ladder-long results long  # the long rung: results/ladder_long.csv, .png
+    python report.py --ladder runs/ladder-turn results turn  # rung e, reworded: results/ladder_turn.csv, .png
     python report.py --variance results runs/ladder-variance runs/ladder-long  # --pg_variance runs: variance.csv
 
 The verdict: held-out success pooled over the validation splits, every game played the same number of times
@@ -191,6 +192,7 @@ def diff_ci(x, y):
 RUNGS = {  # rung: (output name, the last iterations whose training success is a run's endpoint, plot title)
     "stages": ("ladder_compare", 2, "The ladder's stages task (3 lights in order, terminal reward), tiny model"),
     "long": ("ladder_long", 3, "The long rung (8 lights in order in 14 steps, terminal reward), tiny model"),
+    "turn": ("ladder_turn", 3, "The long rung reworded (subgoal `turn off light k`: no token of a tag), tiny model"),
 }
 
 

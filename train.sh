@@ -4,9 +4,10 @@
 #                            supervised warm start on walkthroughs of games of its own, whose demonstrator wastes turns;
 #                            hiper.py trains it on other games; the paired verdict on 60 held-out games; runs/demo/
 #   bash train.sh ladder T   CPU, a few minutes: one rung of the ladder of controlled tasks
-#                            (T = fixed | read | stages | long), its warm start then 11 iterations; runs/ladder-T/
+#                            (T = fixed | read | stages | long | turn), its warm start then 11 iterations; runs/ladder-T/
 #   bash train.sh ladder-compare   CPU: HiPER vs flat GAE vs GRPO on the stages rung, 5 seeds → results/ladder_*
 #   bash train.sh ladder-long      CPU: the same on the long rung (8 lights, 14 steps), 10 seeds → results/ladder_long*
+#   bash train.sh ladder-turn      CPU: HiPER vs flat GAE on the long rung reworded (rung e), 10 seeds → results/ladder_turn*
 #   bash train.sh compare    CPU: HiPER vs flat PPO-GAE vs GRPO on the ALFWorld demo, 3 seeds → results/
 #   bash train.sh alfworld   paper settings, ALFWorld (κ = −0.3, bootstrap_truncated on), vLLM; MODEL=... for 7B
 #   bash train.sh webshop    paper settings, WebShop (κ = −3.5, bootstrap_truncated off), vLLM; needs WEBSHOP_PATH
@@ -47,8 +48,8 @@ ladder_kit() {  # the warm start of rung $1
     fixed) echo --read_rate 0 --episodes 300 --sft_epochs 3 ;;
     read) echo --read_rate 0.4 --episodes 400 --sft_epochs 4 ;;
     stages) echo --read_rate 0.4 --episodes 200 --sft_epochs 4 ;;
-    long) echo --read_rate 0.4 --episodes 150 --sft_epochs 4 ;;
-    *) echo "usage: bash train.sh ladder fixed|read|stages|long [--field value ...]" >&2; exit 2 ;;
+    long|turn) echo --read_rate 0.4 --episodes 150 --sft_epochs 4 ;;
+    *) echo "usage: bash train.sh ladder fixed|read|stages|long|turn [--field value ...]" >&2; exit 2 ;;
   esac
 }
 LADDER=(--n_envs 64 --history 1 --max_new_tokens 40 --iters 11 --eval_every 0 --save_every 100 "${CPU[@]}")
@@ -59,10 +60,10 @@ case "$preset" in
     python demo.py "${KIT[@]}" --run_dir "$run"
     python hiper.py "${RL[@]}" --n_envs 32 --iters 8 --eval_every 8 --model "$run/warm-start" --run_dir "$run" "$@"
     python report.py "$run" ;;
-  ladder)  # bash train.sh ladder fixed|read|stages|long [--adv hae|gae|grpo ...]: 2-4 min (long: ~100 s an iteration)
+  ladder)  # bash train.sh ladder fixed|read|stages|long|turn [--adv hae|gae|grpo ...]: 2-4 min (long, turn: ~8 min)
     task=${1:-}; kit=$(ladder_kit "$task"); shift
     root=${RUN:-runs/ladder-$task}; env=demo:${task^}
-    steps=$(case $task in stages) echo 6 ;; long) echo 14 ;; *) echo 1 ;; esac)
+    steps=$(case $task in stages) echo 6 ;; long|turn) echo 14 ;; *) echo 1 ;; esac)
     # shellcheck disable=SC2086  # $kit is a list of flags
     python demo.py --env "$env" $kit --run_dir "$root"
     python hiper.py --env "$env" --model "$root/warm-start" --max_turns "$steps" --env_max_steps "$steps" \
@@ -77,25 +78,27 @@ case "$preset" in
       done
     done
     python report.py --ladder "$root" results ;;
-  ladder-long)  # ~3.5 h on one core, resumable (SEEDS="6 7 8 9 10" runs a subset: two shells, two cores): the long
-    root=${RUN:-runs/ladder-long}  # rung, HiPER and flat GAE at 10 seeds, GRPO at 5, one warm start; the demo's step
+  ladder-long|ladder-turn)  # ~3.5 h on one core, resumable (SEEDS="6 7 8 9 10" runs a subset: two shells, two
+    rung=${preset#ladder-}; root=${RUN:-runs/$preset}  # cores): the long rung (d), HiPER and flat GAE at 10 seeds,
+    # GRPO at 5 (rung e, reworded: HiPER and flat GAE only), one warm start; the demo's step (1 PPO epoch, 1 critic
+    # pass, actor lr 1e-3, KL 0.01); rung d's HiPER seeds 1-5 also log the PG variance under HAE and flat GAE
     # shellcheck disable=SC2046  # ladder_kit's flags
-    python demo.py --env demo:Long $(ladder_kit long) --run_dir "$root"  # the warm start, before any run: built once
-    for seed in ${SEEDS:-1 2 3 4 5 6 7 8 9 10}; do  # (1 PPO epoch, 1 critic pass, actor lr 1e-3, KL 0.01); HiPER's
-      for adv in hae gae grpo; do  # seeds 1-5 also log the PG variance under HAE and flat GAE (--pg_variance)
-        run=$root/$adv-s$seed; diag=$([ "$adv" = hae ] && [ "$seed" -le 5 ] && echo --pg_variance || true)
-        [ "$adv" = grpo ] && [ "$seed" -gt 5 ] && continue
+    python demo.py --env "demo:${rung^}" $(ladder_kit "$rung") --run_dir "$root"  # the warm start, built once
+    for seed in ${SEEDS:-1 2 3 4 5 6 7 8 9 10}; do
+      for adv in hae gae grpo; do
+        run=$root/$adv-s$seed; diag=$([ "$rung$adv" = longhae ] && [ "$seed" -le 5 ] && echo --pg_variance || true)
+        [ "$adv" = grpo ] && { [ "$seed" -gt 5 ] || [ "$rung" = turn ]; } && continue
         # shellcheck disable=SC2086  # $diag is empty or one flag
-        [ -f "$run/done" ] || { RUN=$root bash "$0" ladder long --adv "$adv" --seed "$seed" --run_dir "$run" \
+        [ -f "$run/done" ] || { RUN=$root bash "$0" ladder "$rung" --adv "$adv" --seed "$seed" --run_dir "$run" \
           --iters 10 --n_envs 32 --eval_every 10 --eval_temperature 1 --ppo_epochs 1 --critic_epochs 1 \
           --actor_lr 1e-3 --kl_coef 0.01 $diag "$@" && touch "$run/done"; }
       done
     done
-    python report.py --ladder "$root" results long ;;
-  compare)  # ~5 h (not timed), resumable: HiPER, flat GAE, GRPO from one warm start, 3 seeds
-    root=${RUN:-runs/compare}
+    python report.py --ladder "$root" results "$rung" ;;
+  compare)  # ~2 h on one core (the kit ~16 min, 9 runs ~10 min each), resumable (SEEDS="3" runs a subset: two shells)
+    root=${RUN:-runs/compare}  # HiPER, flat GAE, GRPO from one warm start, 3 seeds
     python demo.py "${KIT[@]}" --run_dir $root/warm
-    for seed in 1 2 3; do
+    for seed in ${SEEDS:-1 2 3}; do
       for adv in hae gae grpo; do
         run=$root/$adv-s$seed
         [ -f $run/curve.png ] || { python hiper.py "${RL[@]}" --n_envs 32 --iters 8 --eval_every 8 \

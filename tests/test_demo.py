@@ -223,6 +223,22 @@ def test_the_long_rung_is_eight_stages_in_fourteen_steps():
     assert 0.45 < sum(map(won, demo.ladder_demos("demo:Long", 400, 0.4, seed=1))) / 400 < 0.65
 
 
+def test_the_reworded_long_rung_shares_no_token_between_subgoal_and_tags(tmp_path):
+    """Rung e is rung d with `turn off light k` for `switch off light k`: in a tokenizer built from each rung's own
+    demonstrations, rung d's subgoal shares the token of `<switch>`'s name and rung e's shares none of the tags'."""
+    from transformers import AutoTokenizer
+    shared = {}
+    for rung in ("Long", "Turn"):
+        demos = demo.ladder_demos(f"demo:{rung}", 30, 0.4, seed=0)
+        demo.build_tiny(tmp_path / rung, [p + r for ep in demos for p, r in ep])
+        tok, response = AutoTokenizer.from_pretrained(tmp_path / rung), demos[0][0][1]
+        subgoal = response.split("<subgoal>")[1].split("</subgoal>")[0]
+        tags = response.replace(subgoal, "").replace(response.split("<action>")[1].split("</action>")[0], "")
+        shared[rung] = set(tok.tokenize(subgoal)) & set(tok.tokenize(tags))
+        assert envs.make(f"demo:{rung}").task.startswith(subgoal.split()[0])
+    assert "switch" in shared["Long"] and shared["Turn"] == set(), shared
+
+
 def test_ladder_demonstrations_read_as_often_as_asked():
     """A demonstrator that always reads wins every episode in one press per light, SWITCHing at each new light
     and never KEEPing; one that never reads presses at random and KEEPs while it retries a light."""
