@@ -294,7 +294,8 @@ class Fixed:
     def __init__(self, split="train", seed=0, data_dir=None, max_steps=None):
         self.split, self.max_steps = split, max_steps or self.max_steps
         self.rng, self.next_game = random.Random(seed), 0
-        self.task = f"{self.verb} off the {'lights in order' if self.lights > 1 else 'light'}, each with the right button"
+        lights = "lights in order" if self.lights > 1 else "light"
+        self.task = f"{self.verb} off the {lights}, each with the right button"
 
     def reset(self, game=None):
         if game is None and self.split == "train":
@@ -469,7 +470,8 @@ def games(a):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--env", default="alfworld", help="alfworld, or a ladder task: demo:Fixed, demo:Read, demo:Stages, demo:Long, demo:Turn")
+    p.add_argument("--env", default="alfworld",
+                   help="alfworld, or a ladder task: demo:Fixed, demo:Read, demo:Stages, demo:Long, demo:Turn")
     p.add_argument("--data_dir", default="data/alfworld")
     p.add_argument("--run_dir", default="runs/demo", help="writes <run_dir>/tiny-init and <run_dir>/warm-start")
     p.add_argument("--games_only", action="store_true", help="generate the games and stop")

@@ -4,10 +4,11 @@
 #                            supervised warm start on walkthroughs of games of its own, whose demonstrator wastes turns;
 #                            hiper.py trains it on other games; the paired verdict on 60 held-out games; runs/demo/
 #   bash train.sh ladder T   CPU, a few minutes: one rung of the ladder of controlled tasks
-#                            (T = fixed | read | stages | long | turn), its warm start then 11 iterations; runs/ladder-T/
+#                            (T = fixed | read | stages | long | turn), its warm start then 11 iterations;
+#                            runs/ladder-T/
 #   bash train.sh ladder-compare   CPU: HiPER vs flat GAE vs GRPO on the stages rung, 5 seeds → results/ladder_*
 #   bash train.sh ladder-long      CPU: the same on the long rung (8 lights, 14 steps), 10 seeds → results/ladder_long*
-#   bash train.sh ladder-turn      CPU: HiPER vs flat GAE on the long rung reworded (rung e), 10 seeds → results/ladder_turn*
+#   bash train.sh ladder-turn      CPU: HiPER vs flat GAE on rung d reworded (rung e), 10 seeds → results/ladder_turn*
 #   bash train.sh compare    CPU: HiPER vs flat PPO-GAE vs GRPO on the ALFWorld demo, 3 seeds → results/
 #   bash train.sh alfworld   paper settings, ALFWorld (κ = −0.3, bootstrap_truncated on), vLLM; MODEL=... for 7B
 #   bash train.sh webshop    paper settings, WebShop (κ = −3.5, bootstrap_truncated off), vLLM; needs WEBSHOP_PATH
@@ -60,7 +61,7 @@ case "$preset" in
     python demo.py "${KIT[@]}" --run_dir "$run"
     python hiper.py "${RL[@]}" --n_envs 32 --iters 8 --eval_every 8 --model "$run/warm-start" --run_dir "$run" "$@"
     python report.py "$run" ;;
-  ladder)  # bash train.sh ladder fixed|read|stages|long|turn [--adv hae|gae|grpo ...]: 2-4 min (long, turn: ~8 min)
+  ladder)  # bash train.sh ladder fixed|read|stages|long|turn [--adv ...]: 2-4 min (long, turn: ~100 s an iteration)
     task=${1:-}; kit=$(ladder_kit "$task"); shift
     root=${RUN:-runs/ladder-$task}; env=demo:${task^}
     steps=$(case $task in stages) echo 6 ;; long|turn) echo 14 ;; *) echo 1 ;; esac)
@@ -95,8 +96,8 @@ case "$preset" in
       done
     done
     python report.py --ladder "$root" results "$rung" ;;
-  compare)  # ~2 h on one core (the kit ~16 min, 9 runs ~10 min each), resumable (SEEDS="3" runs a subset: two shells)
-    root=${RUN:-runs/compare}  # HiPER, flat GAE, GRPO from one warm start, 3 seeds
+  compare)  # ~2 h 10 min on one core beside another job (the kit 25 min, 9 runs of ~12 min), resumable (SEEDS="3"
+    root=${RUN:-runs/compare}  # runs a subset: two shells): HiPER, flat GAE, GRPO from one warm start, 3 seeds
     python demo.py "${KIT[@]}" --run_dir $root/warm
     for seed in ${SEEDS:-1 2 3}; do
       for adv in hae gae grpo; do

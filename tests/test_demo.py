@@ -232,8 +232,9 @@ def test_the_reworded_long_rung_shares_no_token_between_subgoal_and_tags(tmp_pat
         demos = demo.ladder_demos(f"demo:{rung}", 30, 0.4, seed=0)
         demo.build_tiny(tmp_path / rung, [p + r for ep in demos for p, r in ep])
         tok, response = AutoTokenizer.from_pretrained(tmp_path / rung), demos[0][0][1]
-        subgoal = response.split("<subgoal>")[1].split("</subgoal>")[0]
-        tags = response.replace(subgoal, "").replace(response.split("<action>")[1].split("</action>")[0], "")
+        action, valid, subgoal = envs.parse_response(response)
+        tags = response.replace(subgoal, "").replace(action, "")
+        assert valid and "<subgoal></subgoal>" in tags and "<action></action>" in tags
         shared[rung] = set(tok.tokenize(subgoal)) & set(tok.tokenize(tags))
         assert envs.make(f"demo:{rung}").task.startswith(subgoal.split()[0])
     assert "switch" in shared["Long"] and shared["Turn"] == set(), shared
