@@ -6,6 +6,7 @@
     python report.py --ladder runs/ladder-compare results  # the same on the ladder: results/ladder_compare.csv, .png
     python report.py --ladder runs/ladder-long results long  # the long rung: results/ladder_long.csv, .png
     python report.py --ladder runs/ladder-turn results turn  # rung e, reworded: results/ladder_turn.csv, .png
+    python report.py --ladder runs/ladder-critic results critic  # rung e, fitted critic: results/ladder_critic.*
     python report.py --variance results runs/ladder-variance runs/ladder-long  # --pg_variance runs: variance.csv
 
 The verdict: held-out success pooled over the validation splits, every game played the same number of times
@@ -193,6 +194,7 @@ RUNGS = {  # rung: (output name, the last iterations whose training success is a
     "stages": ("ladder_compare", 2, "The ladder's stages task (3 lights in order, terminal reward), tiny model"),
     "long": ("ladder_long", 3, "The long rung (8 lights in order in 14 steps, terminal reward), tiny model"),
     "turn": ("ladder_turn", 3, "The long rung reworded (subgoal `turn off light k`: no token of a tag), tiny model"),
+    "critic": ("ladder_critic", 3, "Rung e with a fitted critic (4 passes a batch, 2 critic-only iterations first)"),
 }
 
 

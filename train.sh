@@ -9,6 +9,7 @@
 #   bash train.sh ladder-compare   CPU: HiPER vs flat GAE vs GRPO on the stages rung, 5 seeds → results/ladder_*
 #   bash train.sh ladder-long      CPU: the same on the long rung (8 lights, 14 steps), 10 seeds → results/ladder_long*
 #   bash train.sh ladder-turn      CPU: HiPER vs flat GAE on rung d reworded (rung e), 10 seeds → results/ladder_turn*
+#   bash train.sh ladder-critic    CPU: the same with a fitted critic (4 passes a batch, 2 critic-only iterations)
 #   bash train.sh compare    CPU: HiPER vs flat PPO-GAE vs GRPO on the ALFWorld demo, 3 seeds → results/
 #   bash train.sh alfworld   paper settings, ALFWorld (κ = −0.3, bootstrap_truncated on), vLLM; MODEL=... for 7B
 #   bash train.sh webshop    paper settings, WebShop (κ = −3.5, bootstrap_truncated off), vLLM; needs WEBSHOP_PATH
@@ -79,23 +80,26 @@ case "$preset" in
       done
     done
     python report.py --ladder "$root" results ;;
-  ladder-long|ladder-turn)  # ~3.5 h on one core, resumable (SEEDS="6 7 8 9 10" runs a subset: two shells, two
-    rung=${preset#ladder-}; root=${RUN:-runs/$preset}  # cores): the long rung (d), HiPER and flat GAE at 10 seeds,
-    # GRPO at 5 (rung e, reworded: HiPER and flat GAE only), one warm start; the demo's step (1 PPO epoch, 1 critic
-    # pass, actor lr 1e-3, KL 0.01); rung d's HiPER seeds 1-5 also log the PG variance under HAE and flat GAE
+  ladder-long|ladder-turn|ladder-critic)  # ~3.5 h on one core, resumable (SEEDS="6 7 8 9 10" runs a subset: two
+    name=${preset#ladder-}; rung=${name/critic/turn}; root=${RUN:-runs/$preset}  # shells, two cores): the long rung
+    # (d), HiPER and flat GAE at 10 seeds, GRPO at 5 (rung e, reworded: HiPER and flat GAE only), one warm start; the
+    # demo's step (1 PPO epoch, 1 critic pass, actor lr 1e-3, KL 0.01); rung d's HiPER seeds 1-5 also log the PG
+    # variance under HAE and flat GAE. ladder-critic: rung e with a fitted critic, 4 critic passes a batch and 2
+    # critic-only iterations first, 8 iterations (~13 min a run, ~4.5 h on one core)
+    fit=$([ "$name" = critic ] && echo --critic_epochs 4 --critic_warmup 2 --iters 8 --eval_every 8 || true)
     # shellcheck disable=SC2046  # ladder_kit's flags
     python demo.py --env "demo:${rung^}" $(ladder_kit "$rung") --run_dir "$root"  # the warm start, built once
     for seed in ${SEEDS:-1 2 3 4 5 6 7 8 9 10}; do
       for adv in hae gae grpo; do
         run=$root/$adv-s$seed; diag=$([ "$rung$adv" = longhae ] && [ "$seed" -le 5 ] && echo --pg_variance || true)
         [ "$adv" = grpo ] && { [ "$seed" -gt 5 ] || [ "$rung" = turn ]; } && continue
-        # shellcheck disable=SC2086  # $diag is empty or one flag
+        # shellcheck disable=SC2086  # $diag is empty or one flag, $fit empty or the critic's flags
         [ -f "$run/done" ] || { RUN=$root bash "$0" ladder "$rung" --adv "$adv" --seed "$seed" --run_dir "$run" \
           --iters 10 --n_envs 32 --eval_every 10 --eval_temperature 1 --ppo_epochs 1 --critic_epochs 1 \
-          --actor_lr 1e-3 --kl_coef 0.01 $diag "$@" && touch "$run/done"; }
+          --actor_lr 1e-3 --kl_coef 0.01 $diag $fit "$@" && touch "$run/done"; }
       done
     done
-    python report.py --ladder "$root" results "$rung" ;;
+    python report.py --ladder "$root" results "$name" ;;
   compare)  # ~2 h 10 min on one core beside another job (the kit 25 min, 9 runs of ~12 min), resumable (SEEDS="3"
     root=${RUN:-runs/compare}  # runs a subset: two shells): HiPER, flat GAE, GRPO from one warm start, 3 seeds
     python demo.py "${KIT[@]}" --run_dir $root/warm
@@ -119,7 +123,7 @@ case "$preset" in
     python report.py "$run" ;;
   gpu-check)  # the GPU path without downloads: sleep/wake and weight sync, repeated validations, memory, phase times
     python bench_step.py --check --run_dir "${RUN:-runs/gpu-check}" ;;
-  *) echo "usage: bash train.sh [demo|ladder T|ladder-compare|ladder-long|compare|alfworld|webshop|gpu-check]" \
-       "[--field value]" >&2
+  *) echo "usage: bash train.sh PRESET [--field value], PRESET one of: demo, ladder T, ladder-compare, ladder-long," \
+       "ladder-turn, ladder-critic, compare, alfworld, webshop, gpu-check" >&2
      exit 2 ;;
 esac
