@@ -65,7 +65,7 @@ case "$preset" in
   ladder)  # bash train.sh ladder fixed|read|stages|long|turn [--adv ...]: 2-4 min (long, turn: ~100 s an iteration)
     task=${1:-}; kit=$(ladder_kit "$task"); shift
     root=${RUN:-runs/ladder-$task}; env=demo:${task^}
-    steps=$(case $task in stages) echo 6 ;; long|turn) echo 14 ;; *) echo 1 ;; esac)
+    steps=$(python -c "import demo; print(demo.${task^}.max_steps)")  # the task's own step limit
     # shellcheck disable=SC2086  # $kit is a list of flags
     python demo.py --env "$env" $kit --run_dir "$root"
     python hiper.py --env "$env" --model "$root/warm-start" --max_turns "$steps" --env_max_steps "$steps" \
